@@ -1,0 +1,3 @@
+from .uncertain import MostUncertain
+
+__all__ = ["MostUncertain"]

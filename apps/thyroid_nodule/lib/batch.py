@@ -1,0 +1,94 @@
+"""Batch inference that keeps every result in the datastore.
+
+MONAI Label's default batch task runs the images one by one; here the images go through the
+network in batches, and each image's mask and result JSON are saved as a label (tag
+``original`` by default, MONAI Label's tag for model output) with ``params`` holding the result,
+both when the batch runs in the request (``run_sync=true``) and as a background task. A failed
+image is reported and skipped; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Callable, Dict
+
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.batch_infer import BatchInferTask
+
+from thyroid_plugin.constants import TASK_NAME
+from thyroid_plugin.errors import ThyroidPluginError
+from thyroid_plugin.io import load_image, mask_suffix, write_mask
+
+from .infers.classify_nodule import ClassifyNodule, result_json
+
+logger = logging.getLogger(__name__)
+
+
+class PersistingBatchInfer(BatchInferTask):
+    """Batch ``classify_nodule`` over all / labelled / unlabelled images, results persisted.
+
+    Request fields: ``images`` (``all``, ``labeled``, ``unlabeled`` or a list of ids),
+    ``label_tag`` (default ``original``), ``batch_size`` (default 8), ``max_batch_size`` (at most
+    this many images, 0 for all).
+    """
+
+    def __init__(self, task: ClassifyNodule, max_pixels: int) -> None:
+        self.task = task
+        self.max_pixels = max_pixels
+
+    def __call__(self, request: Dict[str, Any], datastore: Datastore, infer: Callable) -> Dict[str, Any]:
+        model = request.get("model", TASK_NAME)
+        if model != TASK_NAME:
+            from fastapi import HTTPException
+
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this app serves {TASK_NAME!r}")
+        image_ids = sorted(self.get_images(request, datastore))
+        limit = int(request.get("max_batch_size", 0) or 0)
+        if limit > 0:
+            image_ids = image_ids[:limit]
+        tag = request.get("label_tag") or DefaultLabelTag.ORIGINAL.value
+        batch_size = max(1, int(request.get("batch_size", 8) or 8))
+        start = time.time()
+        results: Dict[str, Any] = {}
+        done = 0
+        for offset in range(0, len(image_ids), batch_size):
+            chunk = image_ids[offset : offset + batch_size]
+            loaded = []
+            for image_id in chunk:
+                try:
+                    info = datastore.get_image_info(image_id)
+                    loaded.append((image_id, load_image(datastore.get_image_uri(image_id), max_pixels=self.max_pixels), info.get("roi")))
+                except (ThyroidPluginError, OSError) as e:
+                    results[image_id] = {"error": str(e)}
+            if loaded:
+                try:
+                    preds = self.task.predict_batch([im for _, im, _ in loaded], [roi for _, _, roi in loaded])
+                except ThyroidPluginError as e:  # e.g. a stored roi that no longer fits: go one by one
+                    preds = []
+                    for image_id, im, roi in loaded:
+                        try:
+                            preds.extend(self.task.predict_batch([im], [roi]))
+                        except ThyroidPluginError as err:
+                            preds.append(err)
+                for (image_id, image, _), pred in zip(loaded, preds):
+                    if isinstance(pred, Exception):
+                        results[image_id] = {"error": str(pred)}
+                        continue
+                    result = result_json(pred, image)
+                    fd, path = tempfile.mkstemp(suffix=mask_suffix(image), prefix="batch-")
+                    os.close(fd)
+                    try:
+                        write_mask(image, pred.saliency_uint8(), path)
+                        datastore.save_label(image_id, path, tag, {"model": model, "params": result})
+                    finally:
+                        os.unlink(path)
+                    results[image_id] = result
+            done += len(chunk)
+            print(f"[batch] {done}/{len(image_ids)} images", flush=True)
+        failed = sum(1 for r in results.values() if "error" in r)
+        logger.info("batch inference of %d images in %.1fs, %d failed", len(image_ids), time.time() - start, failed)
+        return {"total": len(image_ids), "failed": failed, "label_tag": tag, "results": results,
+                "seconds": round(time.time() - start, 2)}

@@ -1,0 +1,72 @@
+"""Task config of ``classify_nodule``: where the models are and how the tasks are built.
+
+``--conf`` values (all optional):
+
+- ``model_dir``: folder of the model files (default ``<app>/model``); training publishes
+  ``classify_nodule.pt`` there;
+- ``pretrained``: the model served until a trained one exists (default
+  ``<model_dir>/pretrained_classify_nodule.pt``, the shipped model);
+- ``device``: ``auto`` (GPU if present), ``cpu``, ``cuda``, ``cuda:N``;
+- ``precision``, ``compile``, ``threshold``: inference settings (default ``configs/inference.json``);
+- ``max_pixels``: largest frame accepted (width x height x frames).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+from monailabel.interfaces.config import TaskConfig
+
+from thyroid_plugin.config import load_config
+
+from ..activelearning import MostUncertain
+from ..infers import ClassifyNodule
+from ..trainers import ClassifyNoduleTrainer
+
+
+def _bool(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+class ClassifyNoduleConfig(TaskConfig):
+    def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs) -> None:
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.model_dir = conf.get("model_dir", model_dir)
+        self.trained_path = os.path.join(self.model_dir, f"{name}.pt")
+        self.pretrained_path = conf.get("pretrained", os.path.join(self.model_dir, f"pretrained_{name}.pt"))
+        self.path = [self.pretrained_path, self.trained_path]
+        cfg = load_config("inference")
+        inference = dict(cfg["inference"])
+        for key, cast in (("precision", str), ("compile", _bool), ("threshold", float), ("max_pixels", int)):
+            if key in conf:
+                inference[key] = cast(conf[key])
+        self.inference = inference
+        self.network_def = cfg.get_parsed_content("network_def").network_def()
+        self.device = conf.get("device", "auto")
+        self._infer: Optional[ClassifyNodule] = None
+
+    def infer(self) -> ClassifyNodule:
+        if self._infer is None:
+            i = self.inference
+            self._infer = ClassifyNodule(
+                path=self.path,
+                predictor_args={
+                    "precision": i["precision"],
+                    "channels_last": bool(i["channels_last"]),
+                    "compile": bool(i["compile"]),
+                    "threshold": float(i["threshold"]),
+                    "mask_threshold": float(i["mask_threshold"]),
+                    "network_def": self.network_def,
+                },
+                device=self.device,
+                max_pixels=int(i["max_pixels"]),
+            )
+        return self._infer
+
+    def trainer(self) -> ClassifyNoduleTrainer:
+        os.makedirs(self.model_dir, exist_ok=True)
+        return ClassifyNoduleTrainer(self.model_dir, publish_path=self.trained_path, served_path=self.infer().get_path)
+
+    def strategy(self) -> Dict[str, MostUncertain]:
+        return {"uncertain": MostUncertain(self.infer())}

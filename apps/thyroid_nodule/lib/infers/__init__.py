@@ -1,0 +1,3 @@
+from .classify_nodule import ClassifyNodule
+
+__all__ = ["ClassifyNodule"]

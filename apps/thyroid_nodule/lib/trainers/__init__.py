@@ -1,0 +1,3 @@
+from .classify_nodule import ClassifyNoduleTrainer
+
+__all__ = ["ClassifyNoduleTrainer"]

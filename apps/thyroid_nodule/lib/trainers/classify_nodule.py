@@ -1,0 +1,250 @@
+"""``classify_nodule`` training: MONAI Label's train task over :func:`thyroid_plugin.engine.fit`.
+
+Trains on every confirmed case of the datastore. The validation split is grouped by case and
+fixed across retrains (``model/classify_nodule_split.json``). The best model of a run is
+published only when the run completes (and, by default, only if it scores at least as well as
+the served model on the same validation cases); a failed or stopped run leaves the served model
+as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from monai.inferers import SimpleInferer
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from thyroid_plugin.checkpoint import load_checkpoint, model_identity, network_from_checkpoint
+from thyroid_plugin.config import load_config
+from thyroid_plugin.data import FixedGroupSplit, class_counts, datalist_from_datastore
+from thyroid_plugin.engine import TrainSettings, evaluate_network, fit
+from thyroid_plugin.errors import DatalistError
+from thyroid_plugin.io import atomic_write_bytes, atomic_write_json
+from thyroid_plugin.transforms import augmentation_transforms, preprocess_transforms
+
+logger = logging.getLogger(__name__)
+
+#: fewest confirmed cases a training run accepts (and it needs both classes)
+MIN_CASES = 4
+
+
+class ClassifyNoduleTrainer(BasicTrainTask):
+    """Retrain ``classify_nodule`` on the confirmed cases.
+
+    Request options (``POST /train/classify_nodule`` body; defaults from ``configs/train.json``):
+    ``max_epochs``, ``train_batch_size``, ``val_batch_size``, ``learning_rate``, ``val_split``,
+    ``early_stop_patience``, ``pretrained`` (start from the served model), ``publish``
+    (``"if_better"`` or ``"always"``), ``device``, ``multi_gpu``, ``gpus`` (MONAI Label's
+    distributed data-parallel training over several GPUs).
+    """
+
+    def __init__(self, model_dir: str, publish_path: str, served_path, description: str = "Retrain classify_nodule on confirmed cases", **kwargs) -> None:
+        self._train_cfg = load_config("train")
+        training = self._train_cfg["training"]
+        config = {
+            "max_epochs": int(training["epochs"]),
+            "train_batch_size": int(training["batch_size"]),
+            "val_batch_size": int(training["val_batch_size"]),
+            "learning_rate": float(self._train_cfg["optimizer"]["lr"]),
+            "val_split": float(self._train_cfg["val_fraction"]),
+            "early_stop_patience": int(training["early_stop_patience"]),
+            "pretrained": True,
+            "publish": "if_better",
+        }
+        super().__init__(model_dir, description, config=config, publish_path=publish_path,
+                         tracking=None, **kwargs)
+        for unused in ("dataset", "dataloader", "tracking", "tracking_uri", "tracking_experiment_name"):
+            self._config.pop(unused, None)  # BasicTrainTask options this trainer does not read
+        self._served_path = served_path  # callable -> path of the model being served, or None
+        self._split_path = os.path.join(model_dir, "classify_nodule_split.json")
+
+    # --------------------------------------------------- the objects training is built from
+    def network(self, context: Context):
+        network = self._train_cfg.get_parsed_content("network_def", instantiate=True)
+        served = self._served_path() if context.request.get("pretrained", True) else None
+        if served:
+            payload = load_checkpoint(served)
+            if payload["network_def"] == network.network_def():
+                network.load_state_dict(network_from_checkpoint(payload).state_dict())
+                logger.info("starting from the served model %s", model_identity(served))
+        return network
+
+    def optimizer(self, context: Context):
+        return torch.optim.Adam(context.network.parameters(), lr=float(context.request["learning_rate"]),
+                                weight_decay=float(self._train_cfg["optimizer"].get("weight_decay", 0.0)))
+
+    def loss_function(self, context: Context):
+        return self._train_cfg.get_parsed_content("loss", instantiate=True)
+
+    def train_pre_transforms(self, context: Context):
+        size = int(self._train_cfg["image_size"])
+        return preprocess_transforms(size) + augmentation_transforms(size, self._train_cfg["training"].get("augmentation"))
+
+    def val_pre_transforms(self, context: Context):
+        return preprocess_transforms(int(self._train_cfg["image_size"]))
+
+    def train_post_transforms(self, context: Context):
+        return []  # classification needs no post-processing of the logits
+
+    def val_inferer(self, context: Context):
+        return SimpleInferer()  # validation runs the whole frame through the network
+
+    def stats(self):
+        stats = super().stats()
+        if stats.get("status") == "running":
+            from monailabel.utils.async_tasks.utils import processes
+
+            if not processes("train"):  # the run was stopped or killed without a word
+                stats["status"] = "stopped"
+        return stats
+
+    # ------------------------------------------------------------------------------- data
+    def pre_process(self, request, datastore: Datastore):
+        return datalist_from_datastore(datastore)
+
+    def partition_datalist(self, context: Context, shuffle: bool = False):
+        split = FixedGroupSplit(self._split_path, float(context.request.get("val_split", 0.2)), seed=0)
+        return split.split(context.datalist)
+
+    # ---------------------------------------------------------------------------- training
+    def train(self, rank, world_size, request, datalist):
+        start = time.time()
+        context = Context()
+        context.request = request
+        context.datalist = datalist
+        context.local_rank = rank
+        context.world_size = world_size
+        context.run_id = request["run_id"]
+        context.multi_gpu = bool(request.get("multi_gpu")) and world_size > 1
+        stats_path = Path(self._stats_path)
+        try:
+            _check_datalist(datalist)
+            if context.multi_gpu:
+                os.environ["LOCAL_RANK"] = str(rank)
+                torch.distributed.init_process_group(
+                    backend=request.get("distributed_backend", "nccl"),
+                    init_method=request.get("distributed_url", "env://"),
+                    world_size=world_size,
+                    rank=rank,
+                )
+            context.device = self._device(context)
+            context.output_dir = os.path.join(self._model_dir, "train_runs", context.run_id)
+            context.train_datalist, context.val_datalist = self.partition_datalist(context)
+            if not context.val_datalist:
+                raise DatalistError("no case fell into the validation split yet; confirm more cases")
+            context.network = self.network(context)
+            context.optimizer = self.optimizer(context)
+            settings = TrainSettings.from_mapping(
+                self._train_cfg["training"],
+                epochs=int(request["max_epochs"]),
+                batch_size=int(request["train_batch_size"]),
+                val_batch_size=int(request["val_batch_size"]),
+                early_stop_patience=int(request.get("early_stop_patience", 0)),
+                image_size=int(self._train_cfg["image_size"]),
+                progress=False,
+                log_every=5,
+            )
+            baseline = self._baseline(context, settings) if rank == 0 else None
+            stats = fit(
+                context.network,
+                self.loss_function(context),
+                context.optimizer,
+                context.train_datalist,
+                context.val_datalist,
+                context.output_dir,
+                settings,
+                device=context.device,
+                stats_path=stats_path,
+                rank=rank,
+                world_size=world_size,
+                train_info={"source": "MONAI Label datastore", "run_id": context.run_id, "split": "fixed case-grouped"},
+                train_transforms=self.train_pre_transforms(context),
+                val_transforms=self.val_pre_transforms(context),
+            )
+            if rank == 0:
+                stats = self._publish(context, stats, baseline, request.get("publish", "if_better"))
+                _write_stats(stats_path, stats)
+            return stats
+        except BaseException as e:
+            if rank == 0:
+                _write_failure(stats_path, e, start)
+            raise
+        finally:
+            if context.multi_gpu and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+    def _baseline(self, context: Context, settings: TrainSettings) -> Optional[Dict[str, Any]]:
+        """The served model's metrics on this run's validation cases (for ``publish=if_better``)."""
+        served = self._served_path()
+        if not served:
+            return None
+        payload = load_checkpoint(served)
+        network = network_from_checkpoint(payload)
+        metrics, _, _ = evaluate_network(network, context.val_datalist, int(payload["image_size"]), context.device,
+                                         settings.val_batch_size)
+        return {"model": model_identity(served), "metrics": metrics}
+
+    def _publish(self, context: Context, stats: Dict[str, Any], baseline, policy: str) -> Dict[str, Any]:
+        run_model = Path(context.output_dir) / "model.pt"
+        new = stats.get("best_metric")
+        old = (baseline or {}).get("metrics", {}).get("auc") if baseline else None
+        stats["baseline"] = baseline
+        publish = run_model.is_file() and (
+            policy == "always" or old is None or (new is not None and (not _finite(old) or new >= old))
+        )
+        stats["run_model"] = stats.get("model")
+        if publish:
+            atomic_write_bytes(self._publish_path, run_model.read_bytes())
+            stats["published"] = True
+            stats["model"] = model_identity(self._publish_path)
+            print(f"[train] published {stats['model']} (val auc {new}; served model had {old})", flush=True)
+        else:
+            stats["published"] = False
+            served = self._served_path()
+            stats["model"] = model_identity(served) if served else None
+            print(f"[train] not published: val auc {new} is below the served model's {old} on the same cases", flush=True)
+        # the run's resume checkpoint is only needed while it runs
+        shutil.rmtree(Path(context.output_dir) / "checkpoints", ignore_errors=True)
+        return stats
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _check_datalist(datalist) -> None:
+    counts = class_counts(datalist)
+    if len(datalist) < MIN_CASES or min(counts) == 0:
+        raise DatalistError(
+            f"training needs at least {MIN_CASES} confirmed cases of both classes; the datastore has "
+            f"{counts[0]} benign and {counts[1]} malignant"
+        )
+
+
+def _write_stats(path: Path, stats: Dict[str, Any]) -> None:
+    atomic_write_json(path, stats)
+
+
+def _write_failure(path: Path, error: BaseException, start: float) -> None:
+    """Keep the last good stats and say why this run failed."""
+    import json
+
+    previous: Dict[str, Any] = {}
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            previous = {}
+    previous["status"] = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"
+    previous["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    previous["failed_ts"] = int(time.time())
+    previous["run_time_s"] = round(time.time() - start, 1)
+    _write_stats(path, previous)

@@ -1,0 +1,99 @@
+"""MONAI Label app "Thyroid Nodule": serves ``classify_nodule`` (thyroid_plugin's saliency-guided
+dual-attention classifier), retrains it on confirmed cases and runs batch inference.
+
+Start it with ``monailabel start_server --app apps/thyroid_nodule --studies STUDIES`` (see the
+repository README for every ``--conf`` option). Nothing is downloaded: no model zoo, no SAM2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Dict
+
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.tasks.activelearning.random import Random
+
+import thyroid_plugin
+from thyroid_plugin.constants import CLASS_NAMES, TASK_NAME
+from thyroid_plugin.studies import ConfirmedCasesDatastore, check_id
+
+from lib.batch import PersistingBatchInfer
+from lib.configs.classify_nodule import ClassifyNoduleConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ThyroidNoduleApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]) -> None:
+        if studies.startswith(("http://", "https://")):
+            raise ValueError("this app keeps confirmed cases in a local studies folder; give a folder, not a URL")
+        self.model_dir = conf.get("model_dir", os.path.join(app_dir, "model"))
+        self.task_config = ClassifyNoduleConfig()
+        self.task_config.init(TASK_NAME, self.model_dir, conf, None)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Thyroid Nodule",
+            description="Benign/malignant thyroid nodule classification in 2D ultrasound with a self-supervised saliency mask",
+            version=thyroid_plugin.__version__,
+            labels=list(CLASS_NAMES),
+        )
+        self._install_routes()
+
+    def init_datastore(self) -> ConfirmedCasesDatastore:
+        logger.info("studies folder: %s", self.studies)
+        return ConfirmedCasesDatastore(
+            self.studies,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self):
+        return {TASK_NAME: self.task_config.infer()}
+
+    def init_trainers(self):
+        return {TASK_NAME: self.task_config.trainer()}
+
+    def init_strategies(self):
+        strategies = dict(self.task_config.strategy())
+        strategies["random"] = Random()
+        return strategies
+
+    def init_scoring_methods(self):
+        return {}
+
+    def init_batch_infer(self):
+        return PersistingBatchInfer(self.task_config.infer(), int(self.task_config.inference["max_pixels"]))
+
+    def info(self):
+        info = super().info()
+        info["classes"] = list(CLASS_NAMES)
+        return info
+
+    def _check_image(self, image_id: str) -> None:
+        """A datastore image id must be valid and known (404 otherwise)."""
+        from fastapi import HTTPException
+
+        check_id(image_id)
+        if not self._datastore.get_image_uri(image_id):
+            raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore")
+
+    def _install_routes(self) -> None:
+        # Only in the server process (train and batch subprocesses have no HTTP side).
+        server = sys.modules.get("monailabel.app")
+        if server is None or not hasattr(server, "app"):
+            return
+        from lib import routes
+
+        routes.install(
+            server.app,
+            known_models=lambda: set(self._infers),
+            check_image=self._check_image,
+            infer_concurrency=int(self.conf.get("infer_concurrency", 1)),
+            infer_queue=int(self.conf.get("infer_queue", 16)),
+            max_upload_mb=int(self.conf.get("max_upload_mb", 64)),
+        )

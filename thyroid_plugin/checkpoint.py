@@ -1,0 +1,159 @@
+"""Model files: written atomically, read without unpickling code, identified by checksum.
+
+A model file is ``torch.save`` of a plain dict (tensors, numbers, strings, lists, dicts only, so
+``torch.load(weights_only=True)`` reads it)::
+
+    {"format": "thyroid_plugin.checkpoint/1",
+     "network_def": {"_target_": "thyroid_plugin.networks.SaliencyGuidedClassifier", ...},
+     "state_dict": {...},            # fp16 when published, BatchNorm statistics kept in fp32
+     "image_size": 224, "class_names": ["benign", "malignant"],
+     "metrics": {"auc": ..., ...},   # validation metrics of this model
+     "created": "2026-11-27T20:00:00Z", "train": {...}}   # what it was trained on and how
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import os
+import pickle
+import zipfile
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .constants import CHECKPOINT_FORMAT, CLASS_NAMES
+from .errors import InvalidModelError, ModelNotFoundError
+from .io import atomic_write_bytes
+
+__all__ = ["build_network", "file_checksum", "load_checkpoint", "model_identity", "save_checkpoint"]
+
+_NETWORK_TARGETS = {
+    "thyroid_plugin.networks.SaliencyGuidedClassifier",
+    "thyroid_plugin.networks.classifier.SaliencyGuidedClassifier",
+}
+
+
+def file_checksum(path: os.PathLike | str) -> str:
+    """SHA-256 of a file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fp:
+        for chunk in iter(lambda: fp.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_identity(path: os.PathLike | str) -> str:
+    """A short, stable identity of a model file: ``sha256:<first 16 hex digits>``."""
+    return f"sha256:{file_checksum(path)[:16]}"
+
+
+def _to_plain(value: Any) -> Any:
+    """Keep only what ``weights_only`` loading accepts (numbers, strings, lists, dicts, tensors)."""
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None or torch.is_tensor(value):
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def save_checkpoint(
+    path: os.PathLike | str,
+    network: nn.Module,
+    network_def: Mapping[str, Any],
+    image_size: int,
+    metrics: Optional[Mapping[str, Any]] = None,
+    train_info: Optional[Mapping[str, Any]] = None,
+    half: bool = True,
+) -> str:
+    """Write a model file atomically (a reader sees the old file or the new one, never half).
+
+    Args:
+        path: destination.
+        network: the trained network (a DDP wrapper is unwrapped).
+        network_def: the config that builds it (``_target_`` plus arguments).
+        image_size: side of the square network input it was trained at.
+        metrics: validation metrics to record with it.
+        train_info: anything else worth keeping (data, epochs, loss form, ...).
+        half: store floating weights as fp16 (BatchNorm statistics stay fp32): half the size,
+            and inference loads them back to the compute precision.
+
+    Returns:
+        the model's identity (:func:`model_identity`).
+    """
+    module = network.module if hasattr(network, "module") else network
+    module = getattr(module, "_orig_mod", module)  # torch.compile wrapper
+    state = {}
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu()
+        if half and t.is_floating_point() and not name.endswith(("running_mean", "running_var")):
+            t = t.half()
+        state[name] = t.clone()
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "network_def": _to_plain(dict(network_def)),
+        "state_dict": state,
+        "image_size": int(image_size),
+        "class_names": list(CLASS_NAMES),
+        "metrics": _to_plain(dict(metrics or {})),
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "train": _to_plain(dict(train_info or {})),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return model_identity(path)
+
+
+def load_checkpoint(path: os.PathLike | str, map_location: str | torch.device = "cpu") -> dict:
+    """Read a model file safely (no code is unpickled).
+
+    Raises:
+        ModelNotFoundError: no file.
+        InvalidModelError: not a thyroid_plugin model file, or damaged.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise InvalidModelError(f"{os.path.basename(path)} is not a readable model file ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise InvalidModelError(f"{os.path.basename(path)} is not a thyroid_plugin model file (format {CHECKPOINT_FORMAT})")
+    if list(payload.get("class_names", [])) != list(CLASS_NAMES):
+        raise InvalidModelError(f"{os.path.basename(path)} has classes {payload.get('class_names')}, expected {list(CLASS_NAMES)}")
+    return payload
+
+
+def build_network(network_def: Mapping[str, Any]) -> nn.Module:
+    """Instantiate the network a checkpoint names. Only thyroid_plugin networks are accepted, so
+    a model file cannot make the server import arbitrary code."""
+    spec = dict(network_def)
+    target = spec.pop("_target_", None)
+    if target not in _NETWORK_TARGETS:
+        raise InvalidModelError(f"unsupported network {target!r} in model file")
+    from .networks import SaliencyGuidedClassifier
+
+    try:
+        return SaliencyGuidedClassifier(**spec)
+    except TypeError as e:
+        raise InvalidModelError(f"bad network arguments in model file: {e}") from None
+
+
+def network_from_checkpoint(payload: Mapping[str, Any], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The network of a loaded checkpoint with its weights, in ``dtype``, in eval mode."""
+    network = build_network(payload["network_def"])
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise InvalidModelError(f"the weights do not fit the network: {str(e).splitlines()[0]}") from None
+    return network.to(dtype).eval()

@@ -1,0 +1,228 @@
+"""``thyroid-nodule``: train, evaluate and predict from the command line; import a labelled
+collection into a MONAI Label studies folder.
+
+Exit codes: 0 success, 1 bad input (unreadable image, CSV or model; one line on stderr),
+2 bad command-line usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model on a labelled CSV, class folders or studies folder")
+    p.add_argument("--csv", required=True, help="labelled data: CSV (file,label[,case,centre]), benign/ malignant/ folders, or a studies folder")
+    p.add_argument("--out", required=True, help="output folder: model.pt, metrics.json, train_stats.json, tensorboard/")
+    p.add_argument("--epochs", type=int, help="override training#epochs")
+    p.add_argument("--image-size", type=int, help="override image_size (square network input)")
+    p.add_argument("--batch-size", type=int, help="override training#batch_size")
+    p.add_argument("--val-fraction", type=float, help="fraction of cases held out to choose the best epoch")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--loss", choices=["reference", "wellposed", "none"], help="override loss#form")
+    p.add_argument("--config", default="train", help="config file (default configs/train.json)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: GPU if present)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics, ROC curve, confusion matrix and saliency overlays on a labelled set")
+    p.add_argument("--csv", required=True, help="labelled test data (as for train)")
+    p.add_argument("--model", required=True, help="model file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overlays", type=int, default=3, help="overlays of this many correct and this many wrong cases")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="classify images; write a JSON and a saliency mask per image")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, TIFF, DICOM, NIfTI, NRRD)")
+    p.add_argument("--model", required=True, help="model file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--roi", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="nodule box in pixels (applied to every image)")
+    p.add_argument("--device")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import-studies", help="copy a labelled collection into a MONAI Label studies folder as confirmed cases")
+    p.add_argument("source", help="labelled data: CSV (file,label[,case,centre]) or benign/ malignant/ folders")
+    p.add_argument("--studies", required=True, help="MONAI Label studies folder (created if missing)")
+    p.add_argument("--limit", type=int, help="import at most this many images")
+    p.add_argument("--unlabelled", action="store_true", help="import the images without their diagnosis (to classify or confirm later)")
+
+
+def _add_split(sub) -> None:
+    p = sub.add_parser("split", help="write a stratified, case-grouped held-out split of a labelled CSV as train.csv and test.csv")
+    p.add_argument("--csv", required=True, help="labelled data (as for train)")
+    p.add_argument("--out", required=True, help="folder for train.csv and test.csv")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thyroid-nodule", description="Train, evaluate and run the thyroid nodule classifier; import labelled data into a MONAI Label studies folder.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_import(sub)
+    _add_split(sub)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+
+    overrides = {
+        "dataset": os.path.abspath(args.csv),
+        "output_dir": os.path.abspath(args.out),
+        "training#epochs": args.epochs,
+        "image_size": args.image_size,
+        "training#batch_size": args.batch_size,
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "loss#form": args.loss,
+        "resume": True if args.resume else None,
+    }
+    if args.device:
+        overrides["device"] = f"$torch.device('{args.device}')"
+    if args.loss in ("reference", "none"):
+        overrides["loss#weights"] = {}  # the form's own default weights
+    parser = load_config(args.config, overrides)
+    stats = parser.get_parsed_content("run")
+    metrics = stats.get("metrics") or {}
+    print(json.dumps({"model": str(Path(args.out) / "model.pt"), "best_epoch": stats.get("best_metric_epoch"),
+                      "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from .data import load_datalist
+    from .inference import NodulePredictor
+    from .io import atomic_write_bytes, load_image
+    from .metrics import binary_metrics
+    from .reports import plot_confusion, plot_roc, save_overlay
+
+    datalist = load_datalist(args.csv)
+    predictor = NodulePredictor(args.model, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    probs, labels = [], []
+    rows = []
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, len(datalist), args.batch_size), desc="evaluate", unit="batch", disable=None):
+        chunk = datalist[start : start + args.batch_size]
+        preds = predictor.predict_batch([d["image"] for d in chunk], [d.get("roi") for d in chunk])
+        for d, p in zip(chunk, preds):
+            probs.append(p.probabilities["malignant"])
+            labels.append(int(d["label"]))
+            rows.append((d, p.probabilities["malignant"]))
+    metrics = binary_metrics(probs, labels, predictor.threshold)
+    result = {**{k: (None if v != v else v) for k, v in metrics.items()}, "n": len(labels),
+              "threshold": predictor.threshold, "model": predictor.model_id, "data": os.path.abspath(args.csv)}
+    atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())
+    atomic_write_bytes(out / "predictions.json", json.dumps(
+        [{"image": d["image"], "label": int(d["label"]), "prob_malignant": round(float(pm), 6)} for d, pm in rows], indent=1).encode())
+    plot_roc({"model": (probs, labels)}, str(out / "roc.png"), title=f"ROC ({len(labels)} images)")
+    plot_confusion(probs, labels, str(out / "confusion.png"), predictor.threshold)
+    correct = [r for r in rows if (r[1] >= predictor.threshold) == bool(r[0]["label"])]
+    wrong = [r for r in rows if (r[1] >= predictor.threshold) != bool(r[0]["label"])]
+    for kind, chosen in (("correct", correct[: args.overlays]), ("wrong", wrong[: args.overlays])):
+        for d, pm in chosen:
+            image = load_image(d["image"])
+            pred = predictor.predict(image, d.get("roi"))
+            mask = np.asarray(load_image(d["mask"]).array) if d.get("mask") else None
+            if mask is not None and mask.ndim == 3:
+                mask = mask[..., 0]
+            truth = "malignant" if d["label"] else "benign"
+            save_overlay(np.asarray(image.array), pred.saliency, str(out / "overlays" / f"{kind}_{Path(d['image']).stem}.png"),
+                         f"{Path(d['image']).name}: truth {truth}, P(malignant) {pm:.2f}", mask)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .inference import NodulePredictor
+
+    predictor = NodulePredictor(args.model, device=args.device, precision=args.precision)
+    results = predictor.predict_files(args.images, args.out, rois=[args.roi] * len(args.images) if args.roi else None)
+    for r in results:
+        print(json.dumps({"image": r["image"], "label": r["label"], "probabilities": r["probabilities"], "mask": r["mask"]}))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .data import load_datalist
+    from .studies import import_collection
+
+    datalist = load_datalist(args.source)
+    if args.limit:
+        datalist = datalist[: args.limit]
+    ids = import_collection(datalist, args.studies, with_diagnosis=not args.unlabelled)
+    print(json.dumps({"studies": os.path.abspath(args.studies), "imported": len(ids), "confirmed": 0 if args.unlabelled else len(ids)}))
+    return 0
+
+
+def cmd_split(args) -> int:
+    from .data import grouped_split, load_datalist, write_datalist_csv
+
+    datalist = load_datalist(args.csv)
+    train, test = grouped_split(datalist, args.test_fraction, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_datalist_csv(train, out / "train.csv")
+    write_datalist_csv(test, out / "test.csv")
+    print(json.dumps({"train": len(train), "test": len(test), "train_cases": len({d["group"] for d in train}),
+                      "test_cases": len({d["group"] for d in test})}))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "import-studies": cmd_import, "split": cmd_split}
+    from .errors import ThyroidPluginError
+
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("thyroid-nodule: interrupted", file=sys.stderr)
+        return 130
+    except (ThyroidPluginError, FileNotFoundError, ValueError, OSError) as e:
+        if args.verbose:
+            raise
+        print(f"thyroid-nodule {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        # MONAI's config parser wraps errors raised while running the config
+        cause = e.__cause__ or e.__context__
+        while isinstance(cause, RuntimeError) and (cause.__cause__ or cause.__context__):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, (ThyroidPluginError, FileNotFoundError, ValueError, OSError)) and not args.verbose:
+            print(f"thyroid-nodule {args.command}: error: {_one_line(cause)}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,642 @@
+"""Read 2D ultrasound frames with their geometry, and write masks back on the same grid.
+
+Supported inputs (detected from the file's content, not its name):
+
+- raster images: PNG, JPEG, BMP, TIFF (gray, gray+alpha, palette, RGB, RGBA, 16-bit gray);
+- DICOM: single- and multi-frame (``frame`` chooses one), MONOCHROME1/2, RGB, YBR_FULL(_422),
+  PALETTE COLOR, uncompressed or compressed as far as pydicom's handlers allow;
+- NIfTI (``.nii``, ``.nii.gz``) and NRRD (``.nrrd``, attached header) holding one slice, scalar or
+  RGB, as 3D Slicer saves a 2D frame.
+
+Geometry convention: ``affine`` is the 4x4 matrix that maps a voxel index ``(i, j, k, 1)`` to
+LPS patient coordinates in millimetres, where ``i`` is the column (x, image width), ``j`` the
+row (y, image height) and ``k`` the slice. ``array[j, i]`` is the pixel at index ``(i, j)``.
+Raster images have the identity (1 mm pixels at the origin), like ITK and 3D Slicer assume.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import gzip
+import io as _io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from .errors import ImageTooLargeError, InvalidImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "UltrasoundImage",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "detect_format",
+    "load_image",
+    "mask_suffix",
+    "write_mask",
+]
+
+PathLike = Union[str, os.PathLike]
+
+#: largest frame accepted (width x height x frames), checked before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 40_000_000
+_MIN_SIDE = 8
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_RASTER = {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF"}
+_MASK_SUFFIX = {"png": ".png", "jpeg": ".png", "bmp": ".bmp", "tiff": ".tif", "dicom": ".dcm", "nifti": ".nii.gz", "nrrd": ".nrrd"}
+
+
+@dataclass
+class UltrasoundImage:
+    """One 2D frame as stored, with the geometry needed to put a mask back on its grid.
+
+    Attributes:
+        array: ``(H, W)`` gray or ``(H, W, 3)`` RGB pixels, dtype as stored.
+        affine: ``(4, 4)`` voxel index ``(i=column, j=row, k)`` -> LPS millimetres.
+        format: one of ``png, jpeg, bmp, tiff, dicom, nifti, nrrd``.
+        path: the file it came from, if any.
+        header: format-specific details a writer needs (NRRD header, NIfTI header, DICOM dataset).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    format: str = "png"
+    path: Optional[str] = None
+    header: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return int(self.array.shape[0]), int(self.array.shape[1])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Pixel spacing along ``(i, j, k)`` in mm."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        """LPS position of pixel ``(0, 0)`` in mm."""
+        return tuple(float(v) for v in self.affine[:3, 3])
+
+    @property
+    def direction(self) -> np.ndarray:
+        """``(3, 3)`` unit direction cosines; column ``n`` is the direction of index axis ``n``."""
+        return self.affine[:3, :3] / np.asarray(self.spacing)
+
+    def to_float(self) -> np.ndarray:
+        """``(C, H, W)`` float32 in ``[0, 1]`` with ``C = 3`` (gray repeated)."""
+        return to_network_channels(self.array)
+
+
+def to_network_channels(array: np.ndarray) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 3)`` pixels -> ``(3, H, W)`` float32 in ``[0, 1]``.
+
+    8-bit data is divided by 255; other types are scaled by the frame's own min and max.
+    """
+    a = np.asarray(array)
+    if a.dtype == np.uint8:
+        f = a.astype(np.float32) / 255.0
+    else:
+        f = a.astype(np.float32)
+        lo, hi = float(np.min(f)), float(np.max(f))
+        f = (f - lo) / (hi - lo) if hi > lo else np.zeros_like(f)
+    if f.ndim == 2:
+        f = np.repeat(f[None], 3, axis=0)
+    else:
+        f = np.ascontiguousarray(np.moveaxis(f, -1, 0))
+    return f
+
+
+# ----------------------------------------------------------------------------------------- detect
+def detect_format(path: PathLike) -> str:
+    """The format of a file from its first bytes (``png``, ``jpeg``, ..., ``nrrd``).
+
+    Raises:
+        InvalidImageError: empty, unreadable or not a supported image.
+    """
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(352)
+    except OSError as e:
+        raise InvalidImageError(f"cannot read {os.path.basename(str(path))}: {e.strerror}") from None
+    if not head:
+        raise InvalidImageError("the file is empty")
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head.startswith(b"NRRD000"):
+        return "nrrd"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x1f\x8b"):
+        try:
+            with gzip.open(path, "rb") as gz:
+                inner = gz.read(352)
+        except (OSError, EOFError):
+            raise InvalidImageError("the file is a damaged gzip stream") from None
+        if _is_nifti_header(inner):
+            return "nifti"
+        raise InvalidImageError("a gzip file that does not hold a NIfTI image")
+    if _is_nifti_header(head):
+        return "nifti"
+    if _looks_like_raw_dicom(head):
+        return "dicom"
+    raise InvalidImageError(
+        "not a supported image: expected PNG, JPEG, BMP, TIFF, DICOM, NIfTI or NRRD"
+    )
+
+
+def _is_nifti_header(head: bytes) -> bool:
+    # NIfTI-1: sizeof_hdr 348 and magic "n+1"/"ni1" at byte 344; NIfTI-2: 540 and magic at byte 4
+    if len(head) >= 348 and head[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c"):
+        return head[344:347] in (b"n+1", b"ni1")
+    if len(head) >= 8 and head[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c"):
+        return head[4:7] in (b"n+2", b"ni2")
+    return False
+
+
+def _looks_like_raw_dicom(head: bytes) -> bool:
+    # DICOM without the 128-byte preamble starts with a group 0x0008 (or 0x0002) element tag.
+    return len(head) >= 8 and head[:2] in (b"\x08\x00", b"\x02\x00") and head[2:4] < b"\x20\x00"
+
+
+# ------------------------------------------------------------------------------------------- load
+def load_image(path: PathLike, frame: Optional[int] = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> UltrasoundImage:
+    """Read one 2D ultrasound frame.
+
+    Args:
+        path: the file.
+        frame: for multi-frame DICOM (and multi-page TIFF), the 0-based frame to read; default
+            the first.
+        max_pixels: refuse frames larger than this (width x height x frames), checked from the
+            header before decoding, so a decompression bomb is never expanded.
+
+    Raises:
+        InvalidImageError: with a one-line reason (corrupt, unsupported, 3D volume, too large,
+            too small, frame out of range).
+    """
+    path = os.fspath(path)
+    fmt = detect_format(path)
+    try:
+        if fmt in _RASTER:
+            image = _load_raster(path, fmt, frame, max_pixels)
+        elif fmt == "dicom":
+            image = _load_dicom(path, frame, max_pixels)
+        elif fmt == "nifti":
+            image = _load_nifti(path, max_pixels)
+        else:
+            image = _load_nrrd(path, max_pixels)
+    except InvalidImageError:
+        raise
+    except MemoryError:
+        raise ImageTooLargeError("the image is too large to decode") from None
+    except Exception as e:  # any decoder failure on a damaged file is the file's fault
+        raise InvalidImageError(f"cannot decode this {fmt.upper()} file ({type(e).__name__}: {_first_line(e)})") from None
+    image.path = path
+    _check_frame(image)
+    return image
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else "no detail"
+
+
+def _check_size(n_pixels: int, max_pixels: int, what: str = "image") -> None:
+    if n_pixels > max_pixels:
+        raise ImageTooLargeError(f"the {what} has {n_pixels} pixels, more than the limit of {max_pixels}")
+
+
+def _check_frame(image: UltrasoundImage) -> None:
+    a = image.array
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3):
+        raise InvalidImageError(f"expected a gray or RGB 2D frame, got pixel array of shape {a.shape}")
+    if min(a.shape[:2]) < _MIN_SIDE:
+        raise InvalidImageError(f"the frame is {a.shape[1]}x{a.shape[0]} pixels; at least {_MIN_SIDE}x{_MIN_SIDE} is needed")
+    if not np.issubdtype(a.dtype, np.number) and a.dtype != np.bool_:
+        raise InvalidImageError(f"unsupported pixel type {a.dtype}")
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+        raise InvalidImageError("the image contains NaN or infinite values")
+
+
+def _load_raster(path: str, fmt: str, frame: Optional[int], max_pixels: int) -> UltrasoundImage:
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)  # reads the header only
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageTooLargeError("the image declares more pixels than allowed (decompression bomb)") from None
+        with img:
+            _check_size(img.width * img.height, max_pixels)
+            n_frames = getattr(img, "n_frames", 1)
+            if frame is not None:
+                if not 0 <= frame < n_frames:
+                    raise InvalidImageError(f"frame {frame} requested, the file has {n_frames}")
+                img.seek(frame)
+            mode = img.mode
+            if mode in ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L", "I", "F"):
+                if mode in ("1", "L", "I;16", "I;16B", "I;16L", "I", "F"):
+                    array = np.array(img)
+                elif mode == "LA":
+                    array = np.array(img.convert("L"))
+                elif mode in ("P", "PA"):
+                    rgb = img.convert("RGB")
+                    array = np.array(rgb)
+                    if _is_gray_rgb(array):
+                        array = np.ascontiguousarray(array[..., 0])
+                else:
+                    array = np.array(img.convert("RGB"))
+            else:
+                raise InvalidImageError(f"unsupported {fmt.upper()} pixel mode {mode}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 65535:
+        array = array.astype(np.uint16)
+    return UltrasoundImage(array=array, affine=np.eye(4), format=fmt, header={"n_frames": n_frames})
+
+
+def _is_gray_rgb(array: np.ndarray) -> bool:
+    return array.ndim == 3 and np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])
+
+
+def _load_dicom(path: str, frame: Optional[int], max_pixels: int) -> UltrasoundImage:
+    import pydicom
+
+    ds = pydicom.dcmread(path, force=True)
+    if "PixelData" not in ds:
+        raise InvalidImageError("the DICOM file has no pixel data (not an image object)")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows <= 0 or cols <= 0:
+        raise InvalidImageError("the DICOM file has no valid Rows/Columns")
+    _check_size(rows * cols * n_frames, max_pixels)
+    if frame is not None and not 0 <= frame < n_frames:
+        raise InvalidImageError(f"frame {frame} requested, the DICOM file has {n_frames}")
+    index = frame or 0
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(ds.get("SamplesPerPixel", 1))
+    pixels = ds.pixel_array
+    if n_frames > 1:
+        pixels = pixels[index]
+    if photometric.startswith("YBR") and samples == 3:
+        from pydicom.pixel_data_handlers.util import convert_color_space
+
+        # pydicom leaves YBR data as decoded; JPEG-baseline data it may already have converted
+        if not _dicom_already_rgb(ds):
+            pixels = convert_color_space(pixels, photometric, "RGB")
+    elif photometric == "PALETTE COLOR":
+        from pydicom.pixel_data_handlers.util import apply_color_lut
+
+        pixels = apply_color_lut(pixels, ds)
+        if pixels.dtype != np.uint8:
+            pixels = (pixels // 257).astype(np.uint8)
+    elif photometric == "MONOCHROME1":
+        pixels = pixels.max() + pixels.min() - pixels if pixels.size else pixels
+    if pixels.ndim == 3 and pixels.shape[2] == 4:
+        pixels = pixels[..., :3]
+    array = np.ascontiguousarray(pixels)
+    affine = _dicom_affine(ds, index)
+    return UltrasoundImage(array=array, affine=affine, format="dicom", header={"dataset": ds, "frame": index})
+
+
+def _dicom_already_rgb(ds) -> bool:
+    # Pillow decodes JPEG baseline YBR_FULL_422 straight to RGB.
+    ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    return ts in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
+
+
+def _dicom_affine(ds, frame: int) -> np.ndarray:
+    def _get(name, group=None):
+        # per-frame, then shared functional groups (enhanced multi-frame objects), then top level
+        for seq_name in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+            seq = ds.get(seq_name)
+            if seq:
+                item = seq[frame] if seq_name.startswith("Per") and len(seq) > frame else seq[0]
+                sub = item.get(group) if group else None
+                if sub:
+                    value = sub[0].get(name)
+                    if value is not None:
+                        return value
+        return ds.get(name)
+
+    spacing = _get("PixelSpacing", "PixelMeasuresSequence") or ds.get("ImagerPixelSpacing")
+    row_spacing = col_spacing = 1.0
+    if spacing is not None and len(spacing) == 2:
+        row_spacing, col_spacing = float(spacing[0]), float(spacing[1])
+    else:
+        regions = ds.get("SequenceOfUltrasoundRegions")
+        if regions:
+            r = regions[0]
+            # physical units code 3 = cm
+            if int(r.get("PhysicalUnitsXDirection", 0)) == 3 and int(r.get("PhysicalUnitsYDirection", 0)) == 3:
+                col_spacing = abs(float(r.get("PhysicalDeltaX", 0.1))) * 10.0 or 1.0
+                row_spacing = abs(float(r.get("PhysicalDeltaY", 0.1))) * 10.0 or 1.0
+    orientation = _get("ImageOrientationPatient", "PlaneOrientationSequence")
+    position = _get("ImagePositionPatient", "PlanePositionSequence")
+    row_cos, col_cos = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    if orientation is not None and len(orientation) == 6:
+        row_cos = np.array([float(v) for v in orientation[:3]])
+        col_cos = np.array([float(v) for v in orientation[3:]])
+    normal = np.cross(row_cos, col_cos)
+    thickness = float(ds.get("SliceThickness", 1.0) or 1.0)
+    affine = np.eye(4)
+    affine[:3, 0] = row_cos * col_spacing
+    affine[:3, 1] = col_cos * row_spacing
+    affine[:3, 2] = normal * thickness
+    if position is not None and len(position) == 3:
+        affine[:3, 3] = [float(v) for v in position]
+    return affine
+
+
+def _load_nifti(path: str, max_pixels: int) -> UltrasoundImage:
+    import nibabel as nib
+
+    img = nib.load(path)
+    shape = tuple(int(s) for s in img.shape)
+    _check_size(int(np.prod(shape)), max_pixels * 3)
+    data = np.asanyarray(img.dataobj)
+    if data.dtype.names and set("RGB").issubset(set(data.dtype.names)):  # RGB24 / RGBA32
+        data = np.stack([data["R"], data["G"], data["B"]], axis=-1)
+        shape = data.shape
+    rgb = False
+    if len(shape) >= 4 and shape[-1] == 3 and all(s == 1 for s in shape[2:-1]):
+        rgb = True
+        data = data.reshape(shape[0], shape[1], 3)
+    else:
+        extra = [s for s in shape[2:]]
+        if any(s != 1 for s in extra):
+            raise InvalidImageError(f"expected a single 2D frame, got a volume of shape {shape}")
+        data = data.reshape(shape[0], shape[1])
+    # NIfTI stores data[i, j]; the frame is array[j, i]
+    array = np.ascontiguousarray(np.swapaxes(data, 0, 1))
+    if array.dtype.kind == "f" and not rgb:
+        array = array.astype(np.float32)
+    affine = _LPS_FROM_RAS @ np.asarray(img.affine, dtype=float)
+    return UltrasoundImage(array=array, affine=affine, format="nifti", header={"nifti": img.header.copy(), "shape": shape})
+
+
+def _load_nrrd(path: str, max_pixels: int) -> UltrasoundImage:
+    import nrrd
+
+    header = nrrd.read_header(path)
+    sizes = [int(s) for s in header.get("sizes", [])]
+    _check_size(int(np.prod(sizes)) if sizes else 0, max_pixels * 3)
+    kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(sizes))]
+    data, header = nrrd.read(path, index_order="F")  # data[axis0, axis1, ...] in file axis order
+    vector_axes = [n for n, k in enumerate(kinds) if k not in ("domain", "space", "time")]
+    domain_axes = [n for n in range(len(sizes)) if n not in vector_axes]
+    if len(vector_axes) > 1:
+        raise InvalidImageError(f"unsupported NRRD layout (kinds {kinds})")
+    extra = [sizes[n] for n in domain_axes[2:]]
+    if len(domain_axes) < 2 or any(s != 1 for s in extra):
+        raise InvalidImageError(f"expected a single 2D frame, got an NRRD volume of sizes {sizes}")
+    comps = sizes[vector_axes[0]] if vector_axes else 1
+    if comps not in (1, 3, 4):
+        raise InvalidImageError(f"expected 1 or 3 components per pixel, the NRRD file has {comps}")
+    order = domain_axes[:2] + domain_axes[2:] + vector_axes
+    data = np.transpose(data, order)
+    data = data.reshape(sizes[domain_axes[0]], sizes[domain_axes[1]], *([comps] if vector_axes else []))
+    if comps == 4:
+        data = data[..., :3]
+    array = np.ascontiguousarray(np.swapaxes(data, 0, 1))
+    if comps == 1 and array.ndim == 3:
+        array = array[..., 0]
+    affine = np.eye(4)
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    directions = header.get("space directions")
+    if directions is not None:
+        dirs = np.asarray(directions, dtype=float)
+        dirs = dirs[[n for n in range(len(sizes)) if n in domain_axes]]  # rows of the domain axes
+        dims = dirs.shape[1]
+        for col, row in enumerate(dirs[:3]):
+            affine[:dims, col] = row[:3]
+        if len(dirs) == 2:  # a 2D NRRD: the slice axis is the normal
+            n = np.cross(affine[:3, 0], affine[:3, 1])
+            affine[:3, 2] = n / (np.linalg.norm(n) or 1.0)
+    origin = header.get("space origin")
+    if origin is not None:
+        o = np.asarray(origin, dtype=float)
+        affine[: len(o), 3] = o[:3]
+    if space in ("right-anterior-superior", "ras"):
+        affine = _LPS_FROM_RAS @ affine
+    elif space not in ("left-posterior-superior", "lps"):
+        if directions is not None and space not in ("", "none"):
+            raise InvalidImageError(f"unsupported NRRD space {space!r}")
+    return UltrasoundImage(array=array, affine=affine, format="nrrd", header={"nrrd": header, "domain_axes": domain_axes, "sizes": sizes})
+
+
+# ------------------------------------------------------------------------------------------ write
+def mask_suffix(image: UltrasoundImage) -> str:
+    """File suffix of the mask written for ``image`` (``.png``, ``.nrrd``, ...)."""
+    return _MASK_SUFFIX[image.format]
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value
+
+
+def atomic_write_json(path: PathLike, payload: Any) -> None:
+    """Write ``payload`` as indented JSON, atomically; NaN and infinity become ``null``."""
+    import json
+
+    atomic_write_bytes(path, json.dumps(json_safe(payload), indent=2).encode())
+
+
+def write_mask(image: UltrasoundImage, mask: np.ndarray, path: PathLike) -> str:
+    """Write a ``(H, W)`` uint8 mask on exactly ``image``'s grid, in ``image``'s format.
+
+    PNG, BMP and TIFF frames get a mask of the same format, JPEG frames a PNG (lossless); NRRD and
+    NIfTI frames a file of the same kind with the same size, spacing, origin and directions (a
+    single-slice volume where the input was one); DICOM frames a single-frame DICOM image that
+    keeps the patient, study, frame of reference and plane geometry of the source frame.
+
+    Args:
+        image: the frame the mask belongs to.
+        mask: ``(H, W)`` array, cast to uint8.
+        path: destination; its suffix should be :func:`mask_suffix` ``(image)``.
+
+    Returns:
+        the path written (atomically).
+    """
+    mask = np.asarray(mask)
+    if mask.shape != image.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the image's {image.shape}")
+    mask = mask.astype(np.uint8)
+    fmt = image.format
+    if fmt in _RASTER:
+        data = _encode_raster(mask, "PNG" if fmt == "jpeg" else _RASTER[fmt])
+    elif fmt == "nrrd":
+        data = _encode_nrrd(image, mask)
+    elif fmt == "nifti":
+        data = _encode_nifti(image, mask)
+    else:
+        data = _encode_dicom(image, mask)
+    atomic_write_bytes(path, data)
+    return os.fspath(path)
+
+
+def _encode_raster(mask: np.ndarray, pil_format: str) -> bytes:
+    from PIL import Image
+
+    buf = _io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buf, format=pil_format)
+    return buf.getvalue()
+
+
+def _encode_nrrd(image: UltrasoundImage, mask: np.ndarray) -> bytes:
+    import nrrd
+
+    src = image.header.get("nrrd", {})
+    domain_axes = image.header.get("domain_axes", [0, 1, 2])
+    sizes = image.header.get("sizes", [mask.shape[1], mask.shape[0], 1])
+    n_domain = len(domain_axes)
+    header: dict[str, Any] = {
+        "type": "unsigned char",
+        "encoding": "gzip",
+        "kinds": ["domain"] * n_domain,
+    }
+    for key in ("space", "space origin", "space units", "measurement frame"):
+        if key in src:
+            header[key] = copy.deepcopy(src[key])
+    if "space directions" in src:
+        dirs = np.asarray(src["space directions"], dtype=float)
+        header["space directions"] = dirs[domain_axes]
+    if "space" not in header and "space dimension" in src:
+        header["space dimension"] = src["space dimension"]
+    data = mask.T  # (i, j) in file order
+    if n_domain > 2:
+        data = data.reshape(data.shape + (1,) * (n_domain - 2))
+    tmp = tempfile.NamedTemporaryFile(suffix=".nrrd", delete=False)
+    tmp.close()
+    try:
+        nrrd.write(tmp.name, np.asfortranarray(data), header, index_order="F")
+        return Path(tmp.name).read_bytes()
+    finally:
+        os.unlink(tmp.name)
+
+
+def _encode_nifti(image: UltrasoundImage, mask: np.ndarray) -> bytes:
+    import nibabel as nib
+
+    src_header = image.header.get("nifti")
+    shape = image.header.get("shape", (mask.shape[1], mask.shape[0]))
+    spatial = tuple(shape[:3]) if len(shape) >= 3 else tuple(shape[:2])
+    if len(spatial) == 3 and spatial[2] != 1:
+        spatial = spatial[:2] + (1,)
+    data = mask.T.reshape(spatial)
+    affine_ras = _LPS_FROM_RAS @ image.affine
+    out = nib.Nifti1Image(data, affine_ras)
+    if src_header is not None:
+        qform, qcode = src_header.get_qform(coded=True)
+        sform, scode = src_header.get_sform(coded=True)
+        out.set_qform(affine_ras if qform is None else qform, int(qcode) if qform is not None else 1)
+        out.set_sform(affine_ras if sform is None else sform, int(scode) if sform is not None else 1)
+        out.header.set_xyzt_units(*src_header.get_xyzt_units())
+    out.set_data_dtype(np.uint8)
+    tmp = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False)
+    tmp.close()
+    try:
+        nib.save(out, tmp.name)
+        return Path(tmp.name).read_bytes()
+    finally:
+        os.unlink(tmp.name)
+
+
+def _encode_dicom(image: UltrasoundImage, mask: np.ndarray) -> bytes:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    src = image.header.get("dataset")
+    ds = Dataset()
+    keep = (
+        "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+        "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "FrameOfReferenceUID",
+        "Modality", "Laterality", "BodyPartExamined",
+    )
+    if src is not None:
+        for name in keep:
+            if name in src:
+                setattr(ds, name, src.data_element(name).value)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyInstanceUID = getattr(ds, "StudyInstanceUID", generate_uid())
+    ds.Modality = getattr(ds, "Modality", "US")
+    ds.SeriesDescription = "Thyroid nodule saliency mask"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    now = datetime.datetime.now()
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    if src is not None and "SOPInstanceUID" in src:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = src.get("SOPClassUID", "")
+        ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+        if int(src.get("NumberOfFrames", 1) or 1) > 1:
+            ref.ReferencedFrameNumber = int(image.header.get("frame", 0)) + 1
+        ds.SourceImageSequence = [ref]
+    a = image.affine
+    col_spacing, row_spacing = float(np.linalg.norm(a[:3, 0])), float(np.linalg.norm(a[:3, 1]))
+    ds.PixelSpacing = [f"{row_spacing:.10g}", f"{col_spacing:.10g}"]
+    ds.ImageOrientationPatient = [f"{v:.10g}" for v in list(a[:3, 0] / col_spacing) + list(a[:3, 1] / row_spacing)]
+    ds.ImagePositionPatient = [f"{v:.10g}" for v in a[:3, 3]]
+    ds.SliceThickness = f"{float(np.linalg.norm(a[:3, 2])):.10g}"
+    ds.Rows, ds.Columns = int(mask.shape[0]), int(mask.shape[1])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(mask).tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    buf = _io.BytesIO()
+    pydicom.dcmwrite(buf, ds, write_like_original=False)
+    return buf.getvalue()

@@ -1,0 +1,65 @@
+"""Classification metrics of a benign/malignant classifier (malignant is the positive class)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["METRIC_NAMES", "binary_metrics"]
+
+#: the keys of :func:`binary_metrics`, in report order
+METRIC_NAMES = ("auc", "accuracy", "sensitivity", "specificity", "f1", "balanced_accuracy")
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC-AUC by the rank-sum (Mann-Whitney) formula, ties counted half; NaN with one class."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    values = np.concatenate([pos, neg])[order]
+    # average ranks over ties
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
+
+
+def binary_metrics(prob_malignant: Sequence[float], labels: Sequence[int], threshold: float = 0.5) -> dict[str, float]:
+    """ROC-AUC, accuracy, sensitivity, specificity, F1 and balanced accuracy.
+
+    Args:
+        prob_malignant: ``(N,)`` predicted probability of the malignant class.
+        labels: ``(N,)`` true class index (0 benign, 1 malignant).
+        threshold: a case is called malignant when its probability is ``>= threshold``.
+
+    Undefined values (AUC with one class present, sensitivity without malignant cases, ...) are
+    NaN, never a made-up 0 or 1.
+    """
+    p = np.asarray(prob_malignant, dtype=float).ravel()
+    y = np.asarray(labels, dtype=int).ravel()
+    if p.shape != y.shape:
+        raise ValueError(f"{len(p)} probabilities for {len(y)} labels")
+    pred = (p >= threshold).astype(int)
+    tp = int(np.sum((pred == 1) & (y == 1)))
+    tn = int(np.sum((pred == 0) & (y == 0)))
+    fp = int(np.sum((pred == 1) & (y == 0)))
+    fn = int(np.sum((pred == 0) & (y == 1)))
+    nan = float("nan")
+    sens = tp / (tp + fn) if tp + fn else nan
+    spec = tn / (tn + fp) if tn + fp else nan
+    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else nan
+    return {
+        "auc": _auc(p, y),
+        "accuracy": (tp + tn) / len(y) if len(y) else nan,
+        "sensitivity": sens,
+        "specificity": spec,
+        "f1": f1,
+        "balanced_accuracy": (sens + spec) / 2 if not (np.isnan(sens) or np.isnan(spec)) else nan,
+    }

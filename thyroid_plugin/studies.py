@@ -1,0 +1,314 @@
+"""The MONAI Label studies folder as the store of confirmed cases.
+
+A *confirmed case* is an image whose datastore info holds ``"diagnosis": "benign" | "malignant"``
+(set with ``PUT /datastore/image/info``, or by saving a ``final`` label whose ``params`` carry the
+diagnosis). :class:`ConfirmedCasesDatastore` is MONAI Label's local datastore with:
+
+- "labelled" meaning confirmed (so batch inference on labelled/unlabelled images and active
+  learning work on diagnoses, not on segmentation files);
+- image ids and label tags checked, so no request can read or write outside the studies folder;
+- the datastore JSON written atomically (a crash leaves the old or the new file, never half),
+  re-read whenever another process (a background batch or training task, the import command)
+  changed it, and every change made on the latest version under the datastore's file lock;
+- diagnoses validated when they are stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+from .constants import CLASS_NAMES, DIAGNOSIS_FIELD, label_index
+from .errors import ThyroidPluginError
+from .io import atomic_write_bytes, detect_format, load_image
+
+__all__ = ["ConfirmedCasesDatastore", "InvalidRequestError", "check_id", "import_collection", "validate_image_info"]
+
+#: letters, digits and ``._-()+ `` (DDTI names like ``100_1(2)``), up to 128 characters, not
+#: starting with a dot: no path separators, no ``..``, no NUL.
+_ID = re.compile(r"^[A-Za-z0-9_(][A-Za-z0-9._()+\- ]{0,127}$")
+_TAG = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_SUFFIXES = {"png": (".png",), "jpeg": (".jpg", ".jpeg"), "bmp": (".bmp",), "tiff": (".tif", ".tiff"),
+             "dicom": (".dcm",), "nifti": (".nii.gz", ".nii"), "nrrd": (".nrrd",)}
+_EXTENSIONS = ["*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm", "*.nii.gz", "*.nii", "*.nrrd"]
+
+
+class InvalidRequestError(ThyroidPluginError, ValueError):
+    """A request names an invalid image id, tag or info value."""
+
+
+def check_id(value: str, what: str = "image id") -> str:
+    """Return ``value`` if it is a safe id, else raise :class:`InvalidRequestError`."""
+    if not isinstance(value, str) or not _ID.match(value) or ".." in value or value != value.strip():
+        shown = repr(value)[:80]
+        raise InvalidRequestError(f"invalid {what} {shown}: use up to 128 letters, digits, spaces and ._-()+, no path separators")
+    return value
+
+
+def check_tag(value: str) -> str:
+    if not isinstance(value, str) or not _TAG.match(value):
+        raise InvalidRequestError(f"invalid label tag {repr(value)[:80]}: use letters, digits, _ and -")
+    return value
+
+
+def validate_image_info(info: Mapping[str, Any]) -> Dict[str, Any]:
+    """Check the fields this app reads from image info; returns a normalised copy.
+
+    ``diagnosis`` must be benign/malignant (or null to withdraw it); ``roi`` four numbers;
+    ``case`` and ``centre`` short strings.
+    """
+    if not isinstance(info, Mapping):
+        raise InvalidRequestError("info must be a JSON object")
+    out = dict(info)
+    if DIAGNOSIS_FIELD in out and out[DIAGNOSIS_FIELD] is not None:
+        try:
+            out[DIAGNOSIS_FIELD] = CLASS_NAMES[label_index(out[DIAGNOSIS_FIELD])]
+        except ValueError:
+            raise InvalidRequestError(f"diagnosis must be one of {list(CLASS_NAMES)}, got {out[DIAGNOSIS_FIELD]!r}") from None
+    if out.get("roi") is not None:
+        roi = out["roi"]
+        if not isinstance(roi, (list, tuple)) or len(roi) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in roi):
+            raise InvalidRequestError(f"roi must be [x0, y0, x1, y1] in pixels, got {roi!r}"[:200])
+        out["roi"] = [float(v) for v in roi]
+    for key in ("case", "centre"):
+        if key in out and out[key] is not None:
+            if not isinstance(out[key], (str, int)) or len(str(out[key])) > 128:
+                raise InvalidRequestError(f"{key} must be a short string")
+            out[key] = str(out[key])
+    return out
+
+
+class ConfirmedCasesDatastore(LocalDatastore):
+    """MONAI Label's :class:`LocalDatastore` hardened for this app (see the module docstring)."""
+
+    def __init__(self, datastore_path: str, extensions: Sequence[str] = tuple(_EXTENSIONS), auto_reload: bool = False,
+                 read_only: bool = False) -> None:
+        from filelock import FileLock
+
+        self._writer_lock = FileLock(os.path.join(datastore_path, ".writer.lock"))
+        super().__init__(datastore_path, extensions=list(extensions), auto_reload=auto_reload, read_only=read_only)
+
+    # ----------------------------------------------------------- one truth: the file on disk
+    def _sync(self) -> None:
+        """Reload the datastore JSON if another process replaced it since we last read it."""
+        try:
+            ts = os.stat(self._datastore_config_path).st_mtime
+        except FileNotFoundError:
+            return
+        if ts != self._config_ts:
+            self._init_from_datastore_file()
+
+    def _locked_update(self, method, *args):
+        # Our own lock file (MONAI Label's ``.lock`` is taken again inside the base methods, by
+        # other FileLock objects, which filelock refuses to nest); one object per datastore, so
+        # nested updates in a thread re-enter it.
+        with self._writer_lock:
+            self._sync()
+            return method(*args)
+
+    def list_images(self):
+        self._sync()
+        return super().list_images()
+
+    def get_image_info(self, image_id: str) -> Dict[str, Any]:
+        self._sync()
+        return super().get_image_info(image_id)
+
+    def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
+        self._sync()
+        check_id(label_id, "label id")
+        check_tag(label_tag)
+        return super().get_label_info(label_id, label_tag)
+
+    def get_labels_by_image_id(self, image_id: str) -> Dict[str, str]:
+        self._sync()
+        return super().get_labels_by_image_id(image_id)
+
+    def datalist(self, full_path=True):
+        self._sync()
+        return super().datalist(full_path)
+
+    def json(self):
+        self._sync()
+        return super().json()
+
+    # -------------------------------------------------------------------- confirmed = labelled
+    def is_confirmed(self, image_id: str) -> bool:
+        obj = self._datastore.objects.get(image_id)
+        return bool(obj and obj.image.info.get(DIAGNOSIS_FIELD) in CLASS_NAMES)
+
+    def get_labeled_images(self, label_tag: Optional[str] = None, labels: Optional[Sequence[str]] = None):
+        self._sync()
+        return [k for k in self._datastore.objects if self.is_confirmed(k)]
+
+    def get_unlabeled_images(self, label_tag: Optional[str] = None, labels: Optional[Sequence[str]] = None):
+        self._sync()
+        return [k for k in self._datastore.objects if not self.is_confirmed(k)]
+
+    def status(self) -> Dict[str, Any]:
+        self._sync()
+        s = super().status()
+        s["completed"] = len(self.get_labeled_images())
+        counts = {name: 0 for name in CLASS_NAMES}
+        for obj in self._datastore.objects.values():
+            d = obj.image.info.get(DIAGNOSIS_FIELD)
+            if d in counts:
+                counts[d] += 1
+        s["diagnoses"] = counts
+        return s
+
+    # ------------------------------------------------------------------------ checked requests
+    def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
+        if image_id:
+            check_id(image_id)
+        else:
+            check_id(self._to_id(os.path.basename(image_filename))[0])
+        info = validate_image_info(image_info or {})
+        load_image(image_filename)  # only readable 2D frames enter the store (InvalidImageError otherwise)
+        suffixes = _suffixes_of(image_filename)
+        if not image_filename.lower().endswith(suffixes):
+            # keep the file under a name whose extension says what it is, or the datastore
+            # would not find it again after a restart
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                named = os.path.join(tmp, f"upload{suffixes[0]}")
+                shutil.copyfile(image_filename, named)
+                return self._locked_update(super().add_image, image_id or check_id(Path(image_filename).name.split(".")[0]), named, info)
+        return self._locked_update(super().add_image, image_id, image_filename, info)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
+        check_id(image_id)
+        check_tag(label_tag)
+        info = dict(label_info or {})
+        diagnosis = info.get(DIAGNOSIS_FIELD)
+        if diagnosis is not None:
+            info = validate_image_info(info)
+        label_id = self._locked_update(super().save_label, image_id, label_filename, label_tag, info)
+        if diagnosis is not None and label_tag == DefaultLabelTag.FINAL.value:
+            confirmed = {DIAGNOSIS_FIELD: info[DIAGNOSIS_FIELD]}
+            if info.get("roi") is not None:
+                confirmed["roi"] = info["roi"]
+            self.update_image_info(image_id, confirmed)
+        return label_id
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        check_id(image_id)
+        return self._locked_update(super().update_image_info, image_id, validate_image_info(info))
+
+    def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        check_id(label_id, "label id")
+        check_tag(label_tag)
+        return self._locked_update(super().update_label_info, label_id, label_tag, info)
+
+    def get_image_uri(self, image_id: str) -> str:
+        check_id(image_id)
+        self._sync()
+        return super().get_image_uri(image_id)
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        check_id(label_id, "label id")
+        check_tag(label_tag)
+        self._sync()
+        return super().get_label_uri(label_id, label_tag)
+
+    def remove_image(self, image_id: str) -> None:
+        check_id(image_id)
+        return self._locked_update(super().remove_image, image_id)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        check_id(label_id, "label id")
+        check_tag(label_tag)
+        return self._locked_update(super().remove_label, label_id, label_tag)
+
+    # ---------------------------------------------------------------------------- atomic file
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        from filelock import FileLock
+
+        def write() -> None:
+            self._ignore_event_config = True
+            payload = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            atomic_write_bytes(self._datastore_config_path, payload.encode())
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+
+def _suffixes_of(path: str) -> tuple:
+    """File name suffixes that fit the file's content."""
+    fmt = detect_format(path)
+    if fmt == "nifti":
+        with open(path, "rb") as fp:
+            return (".nii.gz",) if fp.read(2) == b"\x1f\x8b" else (".nii",)
+    return _SUFFIXES[fmt]
+
+
+def _safe_id(name: str, taken: set) -> str:
+    base = re.sub(r"[^A-Za-z0-9._()+\- ]", "_", name).strip(" .") or "image"
+    if not _ID.match(base[:1]):
+        base = f"img_{base}"
+    base = base[:120]
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}_{n}"
+    return candidate
+
+
+def import_collection(datalist: Sequence[Mapping[str, Any]], studies: os.PathLike | str, with_diagnosis: bool = True) -> list[str]:
+    """Copy the images of ``datalist`` into a studies folder as (confirmed) cases.
+
+    The image id is the file name without extension (made unique and safe); the image info gets
+    ``diagnosis`` (unless ``with_diagnosis`` is false), ``case``, ``centre`` and ``roi`` from the
+    datalist, and ``source``. Images already present with the same id are left as they are.
+
+    Returns:
+        the ids of the imported images.
+    """
+    studies = Path(studies)
+    studies.mkdir(parents=True, exist_ok=True)
+    store = ConfirmedCasesDatastore(str(studies))
+    taken = set(store.list_images())
+    ids = []
+    for d in datalist:
+        src = Path(d["image"])
+        detect_format(src)  # refuse non-images before copying
+        name = src.name
+        for suffix in (".nii.gz",):
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+        stem = Path(name).stem if not name.lower().endswith(".nii") else name[:-4]
+        image_id = _safe_id(stem, set())
+        if image_id in taken:
+            continue
+        ext = src.name[len(stem):] if src.name.startswith(stem) else "".join(src.suffixes)
+        info: Dict[str, Any] = {"source": str(src), "case": str(d.get("group") or image_id)}
+        if d.get("centre"):
+            info["centre"] = str(d["centre"])
+        if d.get("roi"):
+            info["roi"] = list(d["roi"])
+        if with_diagnosis and int(d.get("label", -1)) in (0, 1):
+            info[DIAGNOSIS_FIELD] = CLASS_NAMES[int(d["label"])]
+        tmp_dir = studies / ".import"
+        tmp_dir.mkdir(exist_ok=True)
+        tmp = tmp_dir / f"{image_id}{ext.lower()}"
+        shutil.copyfile(src, tmp)
+        try:
+            store.add_image(image_id, str(tmp), info)
+        finally:
+            tmp.unlink(missing_ok=True)
+        taken.add(image_id)
+        ids.append(image_id)
+    shutil.rmtree(studies / ".import", ignore_errors=True)
+    return ids
