@@ -172,6 +172,39 @@ def create_evaluator(network: nn.Module, device: torch.device, settings: TrainSe
     return evaluator
 
 
+def make_train_step(forward_model: nn.Module, network: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, device: torch.device, settings: TrainSettings) -> Callable:
+    """One optimisation step ``(engine, batch) -> {loss part: value}`` (the ignite process function).
+
+    ``forward_model`` is what runs forward (maybe compiled or DDP-wrapped), ``network`` the plain
+    module (for gradient clipping)."""
+    dtype = amp_dtype(device, settings.amp)
+
+    def train_step(engine: Optional[Engine], batch: Mapping) -> dict:
+        forward_model.train()
+        x, y = _batch_to(batch, device, settings.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            output = forward_model(x)
+        parts = loss_fn(output, x, y)
+        scaler.scale(parts["loss"]).backward()
+        if settings.max_grad_norm:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(network.parameters(), settings.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        return {k: float(v.detach()) for k, v in parts.items()}
+
+    return train_step
+
+
+def make_loader(items: Sequence[Mapping], transforms: list, settings: TrainSettings, batch_size: int, shuffle: bool, sampler=None):
+    """``(dataset, loader)`` of ``{"image", "label"}`` batches: a cached dataset of the
+    deterministic transforms (decoding and resizing happen once) and a loader that prepares
+    the next batch in a background thread (or ``settings.num_workers`` processes)."""
+    return _loader(items, transforms, settings, batch_size, shuffle, sampler)
+
+
 def _loader(items: Sequence[Mapping], transforms: list, settings: TrainSettings, batch_size: int, shuffle: bool, sampler=None):
     pipeline = Compose(transforms + [SelectItemsd(keys=["image", "label"])])
     if settings.cache:
@@ -278,20 +311,7 @@ def fit(
     dtype = amp_dtype(device, settings.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    def train_step(engine: Engine, batch: Mapping) -> dict:
-        forward_model.train()
-        x, y = _batch_to(batch, device, settings.channels_last)
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, dtype):
-            output = forward_model(x)
-        parts = loss_fn(output, x, y)
-        scaler.scale(parts["loss"]).backward()
-        if settings.max_grad_norm:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(network.parameters(), settings.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        return {k: float(v.detach()) for k, v in parts.items()}
+    train_step = make_train_step(forward_model, network, loss_fn, optimizer, scaler, device, settings)
 
     trainer = Engine(train_step)
     evaluator = create_evaluator(network, device, settings) if val_loader is not None else None
@@ -444,9 +464,9 @@ def fit(
 
         evaluator.add_event_handler(Events.COMPLETED, EarlyStopping(settings.early_stop_patience, _score, trainer))
 
-    if is_main:
-        saver = Checkpoint(to_save, DiskSaver(str(ckpt_dir), require_empty=False, atomic=True), filename_prefix="last", n_saved=1)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
+    # created on every rank: ignite's DiskSaver synchronises the ranks and writes on rank 0 only
+    saver = Checkpoint(to_save, DiskSaver(str(ckpt_dir), require_empty=False, atomic=True), filename_prefix="last", n_saved=1)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
 
     try:
         trainer.run(train_loader, max_epochs=settings.epochs)

@@ -4,6 +4,7 @@ MONAI Label's ``POST /infer/{model}`` is an ``async`` endpoint that runs the who
 inside the server's event loop, so while one image is classified no other request (not even
 ``/info``) is answered; and any error in a request becomes a bare ``500``. This module:
 
+- runs every datastore, batch, train and active-learning endpoint in a worker thread, and
 - replaces ``POST /infer/{model}`` with the same endpoint run in a worker thread, behind a
   concurrency limit (``infer_concurrency``, default 1 on CPU) and a bounded queue
   (``infer_queue``): when the queue is full the answer is ``503`` with ``Retry-After`` at once;
@@ -51,7 +52,9 @@ def _check_json_object(name: str, text: Optional[str]) -> None:
 
 
 def guarded(endpoint):
-    """Wrap an async MONAI Label endpoint: JSON form fields checked, library errors mapped."""
+    """Wrap an async MONAI Label endpoint: JSON form fields checked, library errors mapped, and
+    the endpoint's body (synchronous work: file copies, datastore writes, a synchronous batch,
+    active-learning predictions) run in a worker thread, so the event loop keeps answering."""
 
     @functools.wraps(endpoint)
     async def wrapper(*args, **kwargs):
@@ -59,7 +62,7 @@ def guarded(endpoint):
             if isinstance(kwargs.get(name), str):
                 _check_json_object(name, kwargs[name])
         with http_errors():
-            return await endpoint(*args, **kwargs)
+            return await run_in_threadpool(lambda: asyncio.run(endpoint(*args, **kwargs)))
 
     return wrapper
 

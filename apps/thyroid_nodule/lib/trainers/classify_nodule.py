@@ -125,6 +125,8 @@ class ClassifyNoduleTrainer(BasicTrainTask):
         context.run_id = request["run_id"]
         context.multi_gpu = bool(request.get("multi_gpu")) and world_size > 1
         stats_path = Path(self._stats_path)
+        if rank == 0:
+            _write_started(stats_path, context.run_id, int(request["max_epochs"]))
         try:
             _check_datalist(datalist)
             if context.multi_gpu:
@@ -231,6 +233,22 @@ def _check_datalist(datalist) -> None:
 
 def _write_stats(path: Path, stats: Dict[str, Any]) -> None:
     atomic_write_json(path, stats)
+
+
+def _write_started(path: Path, run_id: str, epochs: int) -> None:
+    """Say at once that a run started (a run stopped before its first epoch must not leave the
+    previous run's "done" in place); the previous results stay until new ones replace them."""
+    import json
+
+    previous: Dict[str, Any] = {}
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            previous = {}
+    previous.pop("error", None)
+    previous.update({"status": "running", "run_id": run_id, "epoch": 0, "total_epochs": epochs, "start_ts": int(time.time())})
+    _write_stats(path, previous)
 
 
 def _write_failure(path: Path, error: BaseException, start: float) -> None:

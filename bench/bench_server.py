@@ -1,0 +1,121 @@
+"""Server round trip: start-up to the first answered /infer, end-to-end /infer latency on a real
+300x300 PNG against the model's own batch-1 time, and the idle server's resident memory.
+
+    .venv/bin/python bench/bench_server.py [--model M] [--requests 30]
+
+Starts a real ``monailabel start_server`` with the app on a free loopback port (a temporary
+studies folder with one DDTI frame; the model given, by default the shipped one), then:
+
+1. start-up: from process start to the first successful ``POST /infer/classify_nodule``;
+2. resident memory (server process and children) when idle after start-up;
+3. ``--requests`` sequential ``/infer?output=all`` uploads of a real 300x300 PNG: median and p90;
+4. in this process, the model's batch-1 time through the same ``NodulePredictor`` path, for the
+   target "median /infer <= model batch-1 time + 30 ms".
+
+Prints a table and writes ``bench/results/server.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import requests
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import DEFAULT_MODEL, ddti_images, median_ms, print_table, write_json  # noqa: E402
+from tests.support.server import MonaiLabelServer  # noqa: E402
+from thyroid_plugin.config import load_config  # noqa: E402
+from thyroid_plugin.inference import NodulePredictor  # noqa: E402
+from thyroid_plugin.io import load_image  # noqa: E402
+from thyroid_plugin.studies import import_collection  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--requests", type=int, default=30)
+    args = ap.parse_args()
+    image = ddti_images(1)[0]
+    png = image.read_bytes()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "model").mkdir()
+        shutil.copyfile(args.model, tmp / "model" / "pretrained_classify_nodule.pt")
+        import_collection([{"image": str(image), "label": 0, "group": "a"}], tmp / "studies")
+        server = MonaiLabelServer(tmp / "studies", tmp / "model", log_path=tmp / "server.log")
+        t0 = time.perf_counter()
+        server.start()
+        while True:
+            r = requests.post(f"{server.url}/infer/classify_nodule", params={"output": "json"},
+                              files={"file": ("frame.png", png, "image/png")}, timeout=600)
+            if r.status_code == 200:
+                break
+            if r.status_code != 503:
+                raise SystemExit(f"/infer failed: {r.status_code} {r.text}")
+            time.sleep(0.2)
+        startup = time.perf_counter() - t0
+        time.sleep(3)
+        idle_rss = rss_mb(server.process.pid)
+        latencies = []
+        for _ in range(args.requests):
+            t = time.perf_counter()
+            r = requests.post(f"{server.url}/infer/classify_nodule", params={"output": "all"},
+                              files={"file": ("frame.png", png, "image/png")}, timeout=600)
+            latencies.append((time.perf_counter() - t) * 1e3)
+            assert r.status_code == 200, r.text
+        busy_rss = rss_mb(server.process.pid)
+        server.stop()
+
+    cfg = load_config("inference")["inference"]
+    predictor = NodulePredictor(args.model, device="cpu", precision=cfg["precision"], compile=bool(cfg["compile"]))
+    frame = load_image(image)
+    state = predictor._state
+    x = torch.as_tensor(state["transforms"]({"image": frame, "roi": None})["image"])[None].float()
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def forward():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=state["dtype"], enabled=state["dtype"] is not None):
+            return state["runner"](x)
+
+    model_ms = median_ms(forward, repeat=args.requests)
+    median = statistics.median(latencies)
+    p90 = sorted(latencies)[int(0.9 * (len(latencies) - 1))]
+    rows = [
+        {"measure": "start-up to first /infer answer", "value": startup, "unit": "s", "target": "< 60 s", "ok": startup < 60},
+        {"measure": "idle server resident memory", "value": idle_rss, "unit": "MiB", "target": "< 2048 MiB", "ok": idle_rss < 2048},
+        {"measure": "resident memory after the requests", "value": busy_rss, "unit": "MiB"},
+        {"measure": "model batch-1 forward (same run)", "value": model_ms, "unit": "ms"},
+        {"measure": f"/infer output=all, median of {args.requests}", "value": median, "unit": "ms",
+         "target": f"<= {model_ms + 30:.0f} ms", "ok": median <= model_ms + 30},
+        {"measure": "/infer output=all, p90", "value": p90, "unit": "ms"},
+    ]
+    print_table(rows, ["measure", "value", "unit", "target", "ok"])
+    write_json("server", {"model": Path(args.model).name, "startup_s": startup, "idle_rss_mib": idle_rss, "busy_rss_mib": busy_rss,
+                          "model_batch1_ms": model_ms, "infer_median_ms": median, "infer_p90_ms": p90, "latencies_ms": latencies,
+                          "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Fixtures of the Slicer-module tests: the module's Lib on the path, MRML scenes, and one real
+MONAI Label server (the thyroid_nodule app, a small real model, real DDTI frames) shared by the
+server tests of this folder."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.paths import ddti_subset
+from tests.support.server import MonaiLabelServer
+
+from .helpers import MODULE_DIR, new_scene
+
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+#: the studies of the shared server: confirmed cases (enough of both classes to train) and
+#: unconfirmed ones (for "Next case")
+CONFIRMED = ddti_subset(4, 4)
+UNCONFIRMED = ddti_subset(2, 2, offset=4)
+
+
+@pytest.fixture
+def scene():
+    """A fresh MRML scene with Slicer's colour tables and three slice views."""
+    s = new_scene()
+    yield s
+    s.Clear(1)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, small_model) -> MonaiLabelServer:
+    """A real MONAI Label server running the app on a small real model, with 8 confirmed and
+    4 unconfirmed DDTI frames in its studies folder."""
+    from thyroid_plugin.studies import import_collection
+
+    root = tmp_path_factory.mktemp("slicer_server")
+    model_dir = root / "model"
+    model_dir.mkdir()
+    shutil.copyfile(small_model, model_dir / "pretrained_classify_nodule.pt")
+    studies = root / "studies"
+
+    def datalist(rows):
+        return [{"image": r["file"], "label": 0 if r["label"] == "benign" else 1, "group": r["case"]} for r in rows]
+
+    import_collection(datalist(CONFIRMED), studies)
+    import_collection(datalist(UNCONFIRMED), studies, with_diagnosis=False)
+    srv = MonaiLabelServer(studies, model_dir, log_path=root / "server.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def logic(scene, server):
+    """The module's logic over a fresh scene, connected to the shared server."""
+    from ThyroidNoduleLib import NoduleLogic
+
+    lg = NoduleLogic(scene)
+    lg.connect(server.url)
+    return lg
+
+
+def unconfirmed_ids() -> set:
+    return {Path(r["file"]).stem for r in UNCONFIRMED}
