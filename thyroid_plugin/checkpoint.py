@@ -31,8 +31,10 @@ from .io import atomic_write_bytes
 __all__ = ["build_network", "file_checksum", "load_checkpoint", "model_identity", "save_checkpoint"]
 
 _NETWORK_TARGETS = {
-    "thyroid_plugin.networks.SaliencyGuidedClassifier",
-    "thyroid_plugin.networks.classifier.SaliencyGuidedClassifier",
+    "thyroid_plugin.networks.SaliencyGuidedClassifier": "SaliencyGuidedClassifier",
+    "thyroid_plugin.networks.classifier.SaliencyGuidedClassifier": "SaliencyGuidedClassifier",
+    "thyroid_plugin.networks.BaselineClassifier": "BaselineClassifier",
+    "thyroid_plugin.networks.baselines.BaselineClassifier": "BaselineClassifier",
 }
 
 
@@ -126,10 +128,16 @@ def load_checkpoint(path: os.PathLike | str, map_location: str | torch.device = 
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise InvalidModelError(f"{os.path.basename(path)} is not a readable model file ({type(e).__name__})") from None
+    except Exception as e:  # the weights-only unpickler fails on garbage with IndexError, KeyError, ...
+        raise InvalidModelError(f"{os.path.basename(path)} is not a readable model file ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise InvalidModelError(f"{os.path.basename(path)} is not a thyroid_plugin model file (format {CHECKPOINT_FORMAT})")
     if list(payload.get("class_names", [])) != list(CLASS_NAMES):
         raise InvalidModelError(f"{os.path.basename(path)} has classes {payload.get('class_names')}, expected {list(CLASS_NAMES)}")
+    state, spec, size = payload.get("state_dict"), payload.get("network_def"), payload.get("image_size")
+    if (not isinstance(spec, dict) or not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values())
+            or isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise InvalidModelError(f"{os.path.basename(path)} is damaged: it lacks the network, its weights or its input size")
     return payload
 
 
@@ -140,11 +148,11 @@ def build_network(network_def: Mapping[str, Any]) -> nn.Module:
     target = spec.pop("_target_", None)
     if target not in _NETWORK_TARGETS:
         raise InvalidModelError(f"unsupported network {target!r} in model file")
-    from .networks import SaliencyGuidedClassifier
+    from . import networks
 
     try:
-        return SaliencyGuidedClassifier(**spec)
-    except TypeError as e:
+        return getattr(networks, _NETWORK_TARGETS[target])(**spec)
+    except (TypeError, ValueError) as e:
         raise InvalidModelError(f"bad network arguments in model file: {e}") from None
 
 

@@ -69,6 +69,20 @@ def _add_split(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_protocol(sub) -> None:
+    from .evaluation import PROTOCOLS, VARIANTS
+
+    p = sub.add_parser("protocol", help="evaluation protocol: every variant on DDTI 5-fold, BUS-BRA official folds and cross-device; tables, ROC curves, overlays")
+    p.add_argument("--out", required=True, help="output folder (re-running resumes: finished runs are kept)")
+    p.add_argument("--protocol", default="quick", choices=sorted(PROTOCOLS), help="quick (CPU, ~2 h) or full (the paper's schedule, GPU)")
+    p.add_argument("--datasets", default="ddti,busbra,busbra_cross", help="comma-separated: ddti, busbra, busbra_cross")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    p.add_argument("--data-root", help="folder with ddti/ and busbra/ (default ../shared/data)")
+    p.add_argument("--epochs", type=int, help="override the protocol's epochs")
+    p.add_argument("--image-size", type=int, help="override the protocol's input size")
+    p.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thyroid-nodule", description="Train, evaluate and run the thyroid nodule classifier; import labelled data into a MONAI Label studies folder.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -78,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_import(sub)
     _add_split(sub)
+    _add_protocol(sub)
     return parser
 
 
@@ -102,8 +117,11 @@ def cmd_train(args) -> int:
     parser = load_config(args.config, overrides)
     stats = parser.get_parsed_content("run")
     metrics = stats.get("metrics") or {}
-    print(json.dumps({"model": str(Path(args.out) / "model.pt"), "best_epoch": stats.get("best_metric_epoch"),
-                      "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}}))
+    from .io import json_safe
+
+    # undefined metrics (NaN, e.g. AUC on a one-class validation split) are printed as null: valid JSON
+    print(json.dumps(json_safe({"model": str(Path(args.out) / "model.pt"), "best_epoch": stats.get("best_metric_epoch"),
+                                "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}})))
     return 0
 
 
@@ -191,11 +209,27 @@ def cmd_split(args) -> int:
     return 0
 
 
+def cmd_protocol(args) -> int:
+    from .evaluation import VARIANTS, run_protocol
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; use {list(VARIANTS)}")
+    overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size}.items() if v is not None}
+    results = run_protocol(Path(args.out), args.protocol, [d.strip() for d in args.datasets.split(",") if d.strip()],
+                           variants, Path(args.data_root) if args.data_root else None, overrides, args.device)
+    summary = {ds: {v: round(e["auc"][0], 4) for v, e in per.items()} for ds, per in results["datasets"].items()}
+    print(json.dumps({"out": os.path.abspath(args.out), "mean_test_auc": summary}))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "import-studies": cmd_import, "split": cmd_split}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "import-studies": cmd_import, "split": cmd_split,
+                "protocol": cmd_protocol}
     from .errors import ThyroidPluginError
 
     try:

@@ -203,8 +203,8 @@ def load_datalist(source: os.PathLike | str) -> list[dict]:
     """A datalist from a CSV file, a ``benign/ malignant/`` folder or a MONAI Label studies
     folder, whichever ``source`` is."""
     p = Path(source)
-    if p.is_file():
-        return datalist_from_csv(p)
+    if p.is_file() or (p.suffix.lower() == ".csv" and not p.is_dir()):
+        return datalist_from_csv(p)  # a missing CSV is reported as a missing CSV, not a missing folder
     if (p / "datastore_v2.json").is_file():
         return datalist_from_datastore(p)
     return datalist_from_folder(p)

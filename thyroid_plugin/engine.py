@@ -351,6 +351,13 @@ def fit(
                 if previous.get("best_metric") is not None:
                     best["score"] = float(previous["best_metric"])
             logger.info("resumed from %s at epoch %d", last[-1].name, trainer.state.epoch)
+            if trainer.state.epoch >= settings.epochs:
+                # a finished run stays finished (ignite would start a finished engine afresh)
+                if (out / "train_stats.json").is_file():
+                    stats.update(json.loads((out / "train_stats.json").read_text()))
+                logger.info("the run in %s already finished %d epochs; nothing to resume", out, trainer.state.epoch)
+                set_track_meta(meta_tracking)
+                return stats
 
     if sampler is not None:
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
@@ -467,6 +474,15 @@ def fit(
     # created on every rank: ignite's DiskSaver synchronises the ranks and writes on rank 0 only
     saver = Checkpoint(to_save, DiskSaver(str(ckpt_dir), require_empty=False, atomic=True), filename_prefix="last", n_saved=1)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
+
+    if is_main:
+        @trainer.on(Events.EPOCH_COMPLETED)
+        def _drop_stale_checkpoints(engine: Engine) -> None:
+            # the saver removes its own older file, not one left by an earlier (resumed) process
+            keep = saver.last_checkpoint
+            for old_file in ckpt_dir.glob("last_checkpoint_*.pt"):
+                if keep and old_file.name != Path(str(keep)).name:
+                    old_file.unlink(missing_ok=True)
 
     try:
         trainer.run(train_loader, max_epochs=settings.epochs)

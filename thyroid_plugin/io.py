@@ -316,9 +316,26 @@ def _load_dicom(path: str, frame: Optional[int], max_pixels: int) -> UltrasoundI
 
 
 def _dicom_already_rgb(ds) -> bool:
-    # Pillow decodes JPEG baseline YBR_FULL_422 straight to RGB.
+    """Whether ``ds.pixel_array`` already turned YCbCr pixels into RGB.
+
+    pydicom 3 converts when decoding. pydicom 2 returns the pixels in the colour space they were
+    encoded in, except that its GDCM handler converts JPEG baseline; its Pillow handler keeps
+    YCbCr (``draft("YCbCr")``), and so does pylibjpeg.
+    """
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        return True
     ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
-    return ts in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
+    if ts != "1.2.840.10008.1.2.4.50":
+        return False
+    for handler in pydicom.config.pixel_data_handlers:  # the handler pydicom picks: the first that can
+        try:
+            if handler.is_available() and handler.supports_transfer_syntax(ts):
+                return handler.__name__.endswith("gdcm_handler")
+        except Exception:
+            continue
+    return False
 
 
 def _dicom_affine(ds, frame: int) -> np.ndarray:

@@ -1,0 +1,298 @@
+"""``thyroid-nodule`` end to end as a user runs it (real subprocesses, real DDTI frames), and
+``python -m monai.bundle run`` on the same config.
+
+The slow commands run concurrently in one module fixture to keep the suite short.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import nrrd
+import numpy as np
+import pytest
+import slicer
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from thyroid_plugin.checkpoint import load_checkpoint, model_identity
+from thyroid_plugin.io import load_image
+from thyroid_plugin.metrics import METRIC_NAMES
+from tests.support.paths import DDTI, PYTHON, REPO, ddti_subset, write_csv
+
+from .helpers import slicer_write
+
+CLI = str(REPO / ".venv" / "bin" / "thyroid-nodule")
+CONFIGS = REPO / "configs"
+
+
+@dataclass
+class Finished:
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class Proc:
+    """A command started now and collected later (output to files: no pipe can fill up)."""
+
+    def __init__(self, args: list[str], cwd: Path, name: str) -> None:
+        self.out = cwd / f"{name}.stdout"
+        self.err = cwd / f"{name}.stderr"
+        # several commands share the CPU: one compute thread each avoids oversubscription
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with open(self.out, "wb") as o, open(self.err, "wb") as e:
+            self.p = subprocess.Popen(args, cwd=cwd, stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=env)
+
+    def result(self, timeout: float = 600) -> Finished:
+        try:
+            rc = self.p.wait(timeout=timeout)
+        finally:
+            self.stop()
+        return Finished(rc, self.out.read_text(), self.err.read_text())
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def _ok(r: Finished, what: str) -> Finished:
+    assert r.rc == 0, f"{what} failed ({r.rc}): {r.stderr[-3000:]}"
+    return r
+
+
+def _strict_json(line: str):
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cli")
+    write_csv(ddti_subset(3, 3, offset=5), d / "train.csv")
+    write_csv(ddti_subset(3, 3, offset=12), d / "test.csv")
+    return d
+
+
+# ------------------------------------------------------------------------------- real commands
+@pytest.fixture(scope="module")
+def runs(work, request) -> dict:
+    """Train with the CLI and with MONAI's bundle runner, evaluate and predict with a small real model."""
+    procs = {
+        "train": Proc([CLI, "train", "--csv", str(work / "train.csv"), "--out", str(work / "train"), "--epochs", "1",
+                       "--image-size", "64", "--val-fraction", "0.5", "--seed", "0"], work, "train"),
+        "bundle": Proc([str(PYTHON), "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "train.json"),
+                        "--meta_file", str(CONFIGS / "metadata.json"), "--dataset", str(work / "train.csv"),
+                        "--output_dir", str(work / "bundle"), "--image_size", "64", "--training#epochs", "1",
+                        "--val_fraction", "0.5"], work, "bundle"),
+    }
+    try:
+        model = request.getfixturevalue("small_model")  # trained here while the two trainings run
+        frame = ddti_subset(0, 1, offset=20)[0]["file"]
+        gray = np.array(Image.open(frame).convert("L"))
+        slicer_write(slicer.vtkMRMLScalarVolumeNode(), gray[None, :, :250], work / "frame.nrrd")  # a Slicer NRRD frame
+        procs["evaluate"] = Proc([CLI, "evaluate", "--csv", str(work / "test.csv"), "--model", str(model), "--out",
+                                  str(work / "evaluate"), "--overlays", "1"], work, "evaluate")
+        procs["predict"] = Proc([CLI, "predict", frame, str(work / "frame.nrrd"), "--model", str(model), "--out",
+                                 str(work / "predict")], work, "predict")
+        results = {name: p.result() for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.stop()
+    return {"results": results, "model": model, "frame": frame, "work": work}
+
+
+@pytest.mark.slow
+def test_train_command(runs):
+    work = runs["work"]
+    r = _ok(runs["results"]["train"], "thyroid-nodule train")
+    summary = _strict_json(r.stdout.strip().splitlines()[-1])
+    assert Path(summary["model"]) == work / "train" / "model.pt"
+    assert set(summary["metrics"]) == set(METRIC_NAMES)
+    payload = load_checkpoint(work / "train" / "model.pt")
+    assert payload["image_size"] == 64 and payload["train"]["settings"]["epochs"] == 1
+    metrics = json.loads((work / "train" / "metrics.json").read_text())
+    assert set(metrics) == set(METRIC_NAMES)
+    stats = json.loads((work / "train" / "train_stats.json").read_text())
+    assert stats["status"] == "done" and stats["train_size"] + stats["val_size"] == 6
+
+
+@pytest.mark.slow
+def test_bundle_run_trains_the_same_model_as_the_cli(runs):
+    work = runs["work"]
+    _ok(runs["results"]["bundle"], "monai.bundle run")
+    _ok(runs["results"]["train"], "thyroid-nodule train")
+    bundle, cli = load_checkpoint(work / "bundle" / "model.pt"), load_checkpoint(work / "train" / "model.pt")
+    assert bundle["network_def"] == cli["network_def"]
+    assert bundle["image_size"] == cli["image_size"] == 64
+    assert {k: (v.shape, v.dtype) for k, v in bundle["state_dict"].items()} == {k: (v.shape, v.dtype) for k, v in cli["state_dict"].items()}
+    # same data, same split, same loss and training settings
+    for key in ("dataset", "val_fraction", "seed", "train_size", "val_size", "loss_form", "settings"):
+        assert bundle["train"][key] == cli["train"][key], key
+    assert set(json.loads((work / "bundle" / "metrics.json").read_text())) == set(METRIC_NAMES)
+
+
+def test_inference_and_train_configs_build_the_same_network():
+    train = json.loads((CONFIGS / "train.json").read_text())
+    inference = json.loads((CONFIGS / "inference.json").read_text())
+    # training seeds the run before it builds the network; the network itself is the same
+    assert inference["network_def"] == {k: v for k, v in train["network_def"].items() if k != "_requires_"}
+    assert inference["image_size"] == train["image_size"]
+
+
+@pytest.mark.slow
+def test_evaluate_command(runs):
+    work = runs["work"]
+    r = _ok(runs["results"]["evaluate"], "thyroid-nodule evaluate")
+    out = work / "evaluate"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(METRIC_NAMES) <= set(metrics)
+    assert metrics["n"] == 6 and metrics["model"] == model_identity(runs["model"])
+    assert _strict_json(r.stdout.strip().splitlines()[-1])["n"] == 6
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == 6
+    labels = [p["label"] for p in predictions]
+    probs = [p["prob_malignant"] for p in predictions]
+    assert metrics["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-4)
+    called = [p >= 0.5 for p in probs]
+    assert metrics["accuracy"] == pytest.approx(np.mean([c == bool(y) for c, y in zip(called, labels)]))
+    for name in ("roc.png", "confusion.png"):
+        with Image.open(out / name) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
+    n_correct = sum(c == bool(y) for c, y in zip(called, labels))
+    overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))
+    assert len([o for o in overlays if o.startswith("correct_")]) == min(1, n_correct)
+    assert len([o for o in overlays if o.startswith("wrong_")]) == min(1, 6 - n_correct)
+    for o in overlays:
+        with Image.open(out / "overlays" / o) as im:
+            assert im.format == "PNG"
+
+
+@pytest.mark.slow
+def test_predict_command(runs):
+    work = runs["work"]
+    r = _ok(runs["results"]["predict"], "thyroid-nodule predict")
+    lines = [_strict_json(line) for line in r.stdout.strip().splitlines()]
+    assert len(lines) == 2
+    out = work / "predict"
+    stem = Path(runs["frame"]).stem
+    png = json.loads((out / f"{stem}.json").read_text())
+    assert png["label"] in ("benign", "malignant")
+    assert sum(png["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    with Image.open(png["mask"]) as m, Image.open(runs["frame"]) as src:
+        assert m.format == "PNG" and m.size == src.size
+
+    vol = json.loads((out / "frame.json").read_text())
+    assert vol["mask"].endswith("frame_saliency.nrrd")
+    data, header = nrrd.read(vol["mask"])
+    source = nrrd.read_header(str(work / "frame.nrrd"))
+    assert list(header["sizes"]) == list(source["sizes"]) == [250, 300, 1]
+    np.testing.assert_allclose(header["space directions"], source["space directions"])
+    np.testing.assert_allclose(header["space origin"], source["space origin"])
+    assert header["space"] == source["space"]
+    assert data.dtype == np.uint8 and data.max() > 0
+    mask_image, frame_image = load_image(vol["mask"]), load_image(work / "frame.nrrd")
+    np.testing.assert_allclose(mask_image.affine, frame_image.affine)
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.fixture(scope="module")
+def failures(work, small_model) -> dict:
+    """The three kinds of bad input a user meets, run concurrently."""
+    (work / "notes.png").write_text("file,label\nnot an image\n")
+    frame = ddti_subset(1, 0)[0]["file"]
+    commands = {
+        "missing-csv": [CLI, "train", "--csv", str(work / "missing.csv"), "--out", str(work / "x1"), "--epochs", "1"],
+        "non-image": [CLI, "predict", str(work / "notes.png"), "--model", str(small_model), "--out", str(work / "x2")],
+        "missing-model": [CLI, "predict", frame, "--model", str(work / "missing.pt"), "--out", str(work / "x3")],
+    }
+    procs = {name: Proc(cmd, work, name) for name, cmd in commands.items()}
+    return {name: p.result() for name, p in procs.items()}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [("missing-csv", "CSV not found"), ("non-image", "not a supported image"), ("missing-model", "model file not found")],
+)
+def test_bad_input_exits_1_with_one_line_on_stderr(failures, case, message):
+    r = failures[case]
+    lines = r.stderr.strip().splitlines()
+    assert r.rc == 1, r.stderr[-2000:]
+    assert len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("thyroid-nodule ") and message in lines[0]
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "--csv", "{work}/missing.csv", "--model", "{model}", "--out", "{work}/x4"], "CSV not found"),
+        (["predict", "{frame}", "--model", "{work}/bad_model.pt", "--out", "{work}/x5"], "not a readable model file"),
+        (["predict", "{frame}", "--model", "{model}", "--out", "{work}/x6", "--roi", "400", "400", "500", "500"], "roi"),
+        (["split", "--csv", "{work}/bad.csv", "--out", "{work}/x7"], "label column"),
+    ],
+    ids=["evaluate-missing-csv", "damaged-model", "roi-outside", "csv-without-labels"],
+)
+def test_more_bad_input_in_process(work, small_model, capsys, argv, message):
+    from thyroid_plugin import cli
+
+    (work / "bad_model.pt").write_text("not a model\n")
+    (work / "bad.csv").write_text("file\na.png\n")
+    values = {"work": str(work), "model": str(small_model), "frame": ddti_subset(1, 0)[0]["file"]}
+    assert cli.main([a.format(**values) for a in argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_usage_errors_exit_2():
+    r = subprocess.run([CLI, "predict"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+
+
+# ------------------------------------------------------------------------------------ split
+@pytest.mark.parametrize("seed", [0, 4])
+def test_split_command_never_puts_a_case_on_both_sides(tmp_path, seed):
+    r = subprocess.run([CLI, "split", "--csv", str(DDTI / "labels.csv"), "--out", str(tmp_path), "--test-fraction", "0.25",
+                        "--seed", str(seed)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = _strict_json(r.stdout.strip().splitlines()[-1])
+
+    def read(name):
+        with open(tmp_path / name, newline="") as fp:
+            return list(csv.DictReader(fp))
+
+    train, test = read("train.csv"), read("test.csv")
+    assert {r["case"] for r in train}.isdisjoint({r["case"] for r in test})
+    assert (summary["train"], summary["test"]) == (len(train), len(test))
+    with open(DDTI / "labels.csv", newline="") as fp:
+        everything = list(csv.DictReader(fp))
+    resolved = sorted(os.path.normpath(tmp_path / r["file"]) for r in train + test)
+    assert resolved == sorted(str(DDTI / r["file"]) for r in everything)
+    assert {r["label"] for r in test} == {"benign", "malignant"}
+    assert 0.2 < len({r["case"] for r in test}) / len({r["case"] for r in everything}) < 0.3
+
+
+# ------------------------------------------------------------------------- CLI output details
+def test_train_summary_is_valid_json_when_a_metric_is_undefined(monkeypatch, capsys, tmp_path):
+    """A one-class validation split leaves AUC undefined; stdout must still be JSON (null, not NaN)."""
+    import thyroid_plugin.config as config
+    from thyroid_plugin import cli
+
+    class FakeParser:
+        def get_parsed_content(self, key):
+            assert key == "run"
+            return {"best_metric_epoch": 1, "metrics": {"auc": float("nan"), "accuracy": 1.0}}
+
+    monkeypatch.setattr(config, "load_config", lambda *a, **k: FakeParser())
+    assert cli.main(["train", "--csv", str(tmp_path / "x.csv"), "--out", str(tmp_path / "out")]) == 0
+    summary = _strict_json(capsys.readouterr().out.strip())
+    assert summary["metrics"] == {"auc": None, "accuracy": 1.0}

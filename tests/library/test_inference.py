@@ -1,0 +1,153 @@
+"""NodulePredictor on real DDTI frames with the small real models of tests/conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from thyroid_plugin.checkpoint import model_identity
+from thyroid_plugin.errors import InvalidModelError, InvalidROIError, ModelNotFoundError
+from thyroid_plugin.inference import NodulePredictor
+from thyroid_plugin.io import load_image
+from tests.support.paths import ddti_subset
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[str]:
+    return [r["file"] for r in ddti_subset(2, 2, offset=10)]
+
+
+@pytest.fixture(scope="module")
+def predictor(small_model) -> NodulePredictor:
+    return NodulePredictor(small_model, device="cpu")
+
+
+def test_prediction_on_real_frames(predictor, frames, small_model):
+    for path in frames:
+        image = load_image(path)
+        pred = predictor.predict(path)
+        assert set(pred.probabilities) == {"benign", "malignant"}
+        assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+        assert all(0.0 <= p <= 1.0 for p in pred.probabilities.values())
+        assert pred.label == ("malignant" if pred.probabilities["malignant"] >= 0.5 else "benign")
+        assert pred.saliency.shape == image.shape  # the frame's own grid, not the network's 64x64
+        assert pred.saliency.dtype == np.float32
+        assert 0.0 <= pred.saliency.min() and pred.saliency.max() <= 1.0
+        assert pred.roi is None
+        assert pred.model == model_identity(small_model)
+        u8 = pred.saliency_uint8()
+        assert u8.dtype == np.uint8 and np.array_equal(u8, np.rint(pred.saliency * 255).astype(np.uint8))
+        j = pred.to_json()
+        assert j["label"] == pred.label and j["roi"] is None and json.dumps(j)
+
+
+def test_a_non_square_frame_keeps_its_shape(predictor, frames, tmp_path):
+    gray = np.array(Image.open(frames[0]).convert("L"))[:, :217]  # 300 x 217
+    Image.fromarray(gray).save(tmp_path / "narrow.png")
+    pred = predictor.predict(str(tmp_path / "narrow.png"))
+    assert pred.saliency.shape == (300, 217)
+
+
+def test_roi_pastes_the_crop_prediction_inside_the_box(predictor, frames, tmp_path):
+    path = frames[1]
+    box = [40, 70, 230, 250]  # x0, y0, x1, y1
+    with_roi = predictor.predict(path, box)
+    # the same frame cropped by hand and classified whole
+    gray = np.array(Image.open(path))
+    Image.fromarray(gray[70:250, 40:230]).save(tmp_path / "crop.png")
+    crop = predictor.predict(str(tmp_path / "crop.png"))
+    assert with_roi.roi == box
+    assert with_roi.saliency.shape == gray.shape[:2]
+    outside = np.ones(gray.shape[:2], bool)
+    outside[70:250, 40:230] = False
+    assert np.all(with_roi.saliency[outside] == 0.0)
+    np.testing.assert_allclose(with_roi.saliency[70:250, 40:230], crop.saliency, atol=1e-5)
+    assert with_roi.saliency[70:250, 40:230].max() > 0
+    assert with_roi.probabilities["malignant"] == pytest.approx(crop.probabilities["malignant"], abs=1e-5)
+
+
+def test_roi_is_clipped_and_checked(predictor, frames):
+    pred = predictor.predict(frames[0], [250.5, 260, 400, 420])
+    assert pred.roi == [250, 260, 300, 300]
+    assert np.all(pred.saliency[:260, :] == 0) and np.all(pred.saliency[:, :250] == 0)
+    with pytest.raises(InvalidROIError):
+        predictor.predict(frames[0], [320, 0, 400, 50])
+
+
+def test_predict_batch_equals_predict(predictor, frames):
+    rois = [None, [30, 30, 200, 220], None, [0, 0, 150, 300]]
+    batch = predictor.predict_batch(frames, rois)
+    assert len(batch) == len(frames)
+    for path, roi, b in zip(frames, rois, batch):
+        single = predictor.predict(path, roi)
+        assert b.label == single.label and b.roi == single.roi
+        for k in b.probabilities:
+            assert b.probabilities[k] == pytest.approx(single.probabilities[k], abs=1e-5)
+        np.testing.assert_allclose(b.saliency, single.saliency, atol=1e-5)
+    with pytest.raises(ValueError, match="rois"):
+        predictor.predict_batch(frames, [None])
+
+
+def test_reload_if_changed_picks_up_a_replaced_model(small_model, other_small_model, frames, tmp_path):
+    served = tmp_path / "model.pt"
+    shutil.copyfile(small_model, served)
+    p = NodulePredictor(served, device="cpu")
+    first = p.predict(frames[0])
+    assert p.model_id == model_identity(small_model)
+    assert p.reload_if_changed() is False
+
+    tmp = tmp_path / ".incoming.pt"
+    shutil.copyfile(other_small_model, tmp)
+    os.replace(tmp, served)  # how training publishes a model: an atomic replace
+    assert p.reload_if_changed() is True
+    assert p.model_id == model_identity(other_small_model) != model_identity(small_model)
+    second = p.predict(frames[0])
+    assert second.model == p.model_id
+    assert second.probabilities["malignant"] != pytest.approx(first.probabilities["malignant"], abs=1e-7) or not np.allclose(
+        second.saliency, first.saliency)
+    assert p.reload_if_changed() is False
+
+    # a damaged replacement is reported and the current model keeps serving
+    served.write_bytes(b"garbage")
+    with pytest.raises(InvalidModelError):
+        p.reload_if_changed()
+    assert p.model_id == model_identity(other_small_model)
+    assert p.predict(frames[0]).probabilities == pytest.approx(second.probabilities)
+
+
+def test_model_errors(tmp_path, small_model):
+    with pytest.raises(ModelNotFoundError):
+        NodulePredictor(tmp_path / "absent.pt", device="cpu")
+    (tmp_path / "bad.pt").write_text("not a model")
+    with pytest.raises(InvalidModelError):
+        NodulePredictor(tmp_path / "bad.pt", device="cpu")
+    with pytest.raises(InvalidModelError, match="trained with network"):
+        NodulePredictor(small_model, device="cpu", network_def={"_target_": "thyroid_plugin.networks.SaliencyGuidedClassifier",
+                                                                "base_channels": 16})
+
+
+def test_info_describes_the_model(predictor, small_model):
+    info = predictor.info()
+    assert info["model"] == model_identity(small_model)
+    assert info["image_size"] == 64 == predictor.image_size
+    assert info["network"]["_target_"].endswith("SaliencyGuidedClassifier")
+    assert info["precision"] == "fp32" and info["device"] == "cpu"
+
+
+def test_predict_files_writes_json_and_mask_in_the_input_format(predictor, frames, tmp_path):
+    results = predictor.predict_files(frames[:2], tmp_path / "out", rois=[None, [10, 10, 200, 200]])
+    for src, r in zip(frames[:2], results):
+        stem = os.path.splitext(os.path.basename(src))[0]
+        record = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
+        assert record == r
+        assert record["image"] == src and record["label"] in ("benign", "malignant")
+        assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        with Image.open(record["mask"]) as m:
+            assert m.format == "PNG" and m.size == Image.open(src).size and m.mode == "L"
+    second = np.array(Image.open(results[1]["mask"]))
+    assert second[200:, :].max() == 0 and second[:, 200:].max() == 0  # zero outside the box

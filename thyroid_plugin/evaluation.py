@@ -1,0 +1,407 @@
+"""Evaluation protocols: does the saliency-guided method hold up on real ultrasound, and where
+does its saliency look?
+
+One command (``thyroid-nodule protocol --protocol quick --out DIR``) trains every variant on every
+split with the same budget, augmentation and input size, evaluates on the held-out images, and
+writes ``results.json`` (every number), ``tables.md``, ROC curves and saliency overlays.
+
+Splits:
+
+- ``ddti``: case-grouped, stratified 5-fold cross-validation of DDTI (thyroid);
+- ``busbra``: BUS-BRA's official 5 folds (``5-fold-cv.csv``: test ``kFold == k``, train
+  ``valid_k == 1``, validation ``valid_k == 0``);
+- ``busbra_cross``: train on one scanner, test on two others: GE Logiq 7 -> GE Logiq 5 + Toshiba
+  Aplio 300, and GE Logiq 5 -> GE Logiq 7 + Toshiba Aplio 300.
+
+The validation images (never the test images) choose each run's best epoch. The expert lesion
+masks are used only to score saliency: energy inside the mask, the pointing game, and the IoU of
+the saliency thresholded at its own mean + 1 standard deviation. Variants without a saliency
+network are scored with Grad-CAM of their last feature map (post-hoc, for comparison).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import cross_centre_split, datalist_from_csv, grouped_kfold, grouped_split
+from .engine import TrainSettings, fit
+from .io import atomic_write_json, load_image
+from .losses import SaliencyGuidedLoss
+from .metrics import METRIC_NAMES, binary_metrics
+from .networks import BASELINES, BaselineClassifier, SaliencyGuidedClassifier
+from .reports import plot_roc, saliency_vs_mask
+
+__all__ = ["PROTOCOLS", "VARIANTS", "Split", "build_splits", "run_protocol", "summarize"]
+
+logger = logging.getLogger(__name__)
+
+#: the compared variants: the network, the loss form, and a label for reports
+VARIANTS: dict[str, dict] = {
+    "full_reference": {"network": {"variant": "full"}, "loss": "reference", "label": "1. full method, reference losses"},
+    "full_wellposed": {"network": {"variant": "full"}, "loss": "wellposed", "label": "2. full method, well-posed losses"},
+    "full_ce_only": {"network": {"variant": "full"}, "loss": "none", "label": "3. full method, cross-entropy only"},
+    "single_branch": {"network": {"variant": "single_branch"}, "loss": "none", "label": "4. single branch, no saliency network"},
+    "resnet18": {"baseline": "resnet18", "loss": "none", "label": "5a. ResNet-18 (MONAI, from scratch)"},
+    "densenet121": {"baseline": "densenet121", "loss": "none", "label": "5b. DenseNet-121 (MONAI, from scratch)"},
+}
+
+#: protocol settings; every variant of a protocol gets exactly these
+PROTOCOLS: dict[str, dict] = {
+    # CPU: about two hours on 2 cores for every split and variant
+    "quick": {"image_size": 64, "epochs": 4, "batch_size": 32, "lr": 5e-4, "val_fraction": 0.15, "seed": 0},
+    # the paper's schedule (224x224, 150 epochs, Adam 1e-4); for a GPU
+    "full": {"image_size": 224, "epochs": 150, "batch_size": 32, "lr": 1e-4, "val_fraction": 0.15, "seed": 0,
+             "early_stop_patience": 30},
+}
+
+CROSS_DEVICE = {
+    "logiq7_to_others": (["GE Logiq 7 @10-14MHz"], ["GE Logiq 5 @10-12MHz", "Toshiba Aplio 300 @12-14 MHz"]),
+    "logiq5_to_others": (["GE Logiq 5 @10-12MHz"], ["GE Logiq 7 @10-14MHz", "Toshiba Aplio 300 @12-14 MHz"]),
+}
+
+
+@dataclass
+class Split:
+    """One train / validation / test split of a dataset."""
+
+    dataset: str  # ddti | busbra | busbra_cross
+    name: str  # fold1 ... | logiq7_to_others ...
+    train: list = field(repr=False)
+    val: list = field(repr=False)
+    test: list = field(repr=False)
+
+
+def _busbra_official_folds(root: Path) -> list[tuple[str, list, list, list]]:
+    items = datalist_from_csv(root / "labels.csv")
+    by_id = {Path(d["image"]).stem: d for d in items}
+    with open(root / "5-fold-cv.csv", newline="") as fp:
+        rows = list(csv.DictReader(fp))
+    folds = []
+    for k in range(1, 6):
+        train, val, test = [], [], []
+        for r in rows:
+            d = by_id.get(r["ID"])
+            if d is None:
+                continue
+            if r["kFold"] == str(k):
+                test.append(d)
+            elif r[f"valid_{k}"] == "1":
+                train.append(d)
+            else:
+                val.append(d)
+        folds.append((f"fold{k}", train, val, test))
+    return folds
+
+
+def build_splits(data_root: Path, datasets: Sequence[str], val_fraction: float = 0.15, seed: int = 0) -> list[Split]:
+    """The splits of the requested datasets (``ddti``, ``busbra``, ``busbra_cross``)."""
+    splits: list[Split] = []
+    if "ddti" in datasets:
+        items = datalist_from_csv(data_root / "ddti" / "labels.csv")
+        for k, (train, test) in enumerate(grouped_kfold(items, 5, seed), start=1):
+            tr, va = grouped_split(train, val_fraction, seed + k)
+            splits.append(Split("ddti", f"fold{k}", tr, va, test))
+    if "busbra" in datasets:
+        for name, train, val, test in _busbra_official_folds(data_root / "busbra"):
+            splits.append(Split("busbra", name, train, val, test))
+    if "busbra_cross" in datasets:
+        items = datalist_from_csv(data_root / "busbra" / "labels.csv")
+        for name, (source, target) in CROSS_DEVICE.items():
+            train, test = cross_centre_split(items, source, target)
+            tr, va = grouped_split(train, val_fraction, seed)
+            splits.append(Split("busbra_cross", name, tr, va, test))
+    return splits
+
+
+def build_variant(name: str) -> torch.nn.Module:
+    spec = VARIANTS[name]
+    if "baseline" in spec:
+        return BaselineClassifier(spec["baseline"])
+    return SaliencyGuidedClassifier(**spec["network"])
+
+
+def _feature_layer(network: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
+    if isinstance(network, BaselineClassifier):
+        return network.get_submodule(BASELINES[network.name])
+    if getattr(network, "saliency", None) is None:  # single branch: the last encoder stage
+        return network.encoder.image_stages[-1]
+    return None
+
+
+def grad_cam(network: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM of the predicted class: ``(B, 3, S, S)`` -> ``(B, 1, S, S)`` in ``[0, 1]``."""
+    store: dict = {}
+    handle = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    try:
+        with torch.enable_grad():
+            x = x.clone().requires_grad_(False)
+            out = network(x)
+            logits = out.logits
+            score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+            grads = torch.autograd.grad(score, store["a"])[0]
+        cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * store["a"]).sum(1, keepdim=True)).detach()
+    finally:
+        handle.remove()
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    peak = cam.amax(dim=(2, 3), keepdim=True)
+    return torch.where(peak > 0, cam / peak.clamp_min(1e-12), cam)
+
+
+class Preprocessed:
+    """Each frame decoded, cropped and resized once per protocol run, shared by every variant:
+    ``cache(item) -> (3, S, S)`` float tensor (the deterministic part of the training and
+    inference pipelines)."""
+
+    def __init__(self, image_size: int) -> None:
+        from monai.transforms import Compose
+
+        from .transforms import preprocess_transforms
+
+        self.transforms = Compose(preprocess_transforms(image_size))
+        self._cache: dict = {}
+
+    def __call__(self, item: Mapping) -> torch.Tensor:
+        key = (item["image"], tuple(item.get("roi") or ()))
+        if key not in self._cache:
+            self._cache[key] = torch.as_tensor(self.transforms({"image": item["image"], "roi": item.get("roi")})["image"]).float()
+        return self._cache[key]
+
+    def transform(self):
+        """A dictionary transform that replaces ``image`` by its cached tensor."""
+        cache = self
+
+        class FromCache:
+            def __call__(self, data):
+                d = dict(data)
+                d["image"] = cache(d)
+                return d
+
+        return FromCache()
+
+
+def evaluate_split(network: torch.nn.Module, name: str, items: Sequence[Mapping], prepare: Callable[[Mapping], torch.Tensor],
+                   batch_size: int = 32, keep_maps: Iterable[str] = ()) -> dict:
+    """Probabilities, classification metrics and saliency-vs-mask measures on ``items``.
+
+    Saliency is the network's own map (resized back to each frame) or, without a saliency
+    network, Grad-CAM. Returns per-image records, the summary and the kept maps."""
+    network = network.eval()
+    layer = _feature_layer(network, name)
+    keep = set(keep_maps)
+    records, maps = [], {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        x = torch.stack([prepare(d) for d in chunk])
+        with torch.inference_mode():
+            out = network(x)
+            probs = torch.softmax(out.logits.float(), 1)[:, 1].numpy()
+            sal = torch.sigmoid(out.saliency_logits.float()) if out.saliency_logits is not None else None
+        if sal is None and layer is not None:
+            sal = grad_cam(network, layer, x)
+        for n, d in enumerate(chunk):
+            rec = {"image": d["image"], "label": int(d["label"]), "prob_malignant": float(probs[n])}
+            if sal is not None and d.get("mask") and not d.get("roi"):
+                m = np.asarray(load_image(d["mask"]).array)  # the lesion mask, on the frame's grid
+                m = m[..., 0] if m.ndim == 3 else m
+                s = F.interpolate(sal[n : n + 1].float(), size=m.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+                rec.update(saliency_vs_mask(s, m))
+                if d["image"] in keep:
+                    maps[d["image"]] = s
+            records.append(rec)
+    p = [r["prob_malignant"] for r in records]
+    y = [r["label"] for r in records]
+    summary = binary_metrics(p, y)
+    for key in ("energy_in_mask", "pointing_game", "iou"):
+        values = [r[key] for r in records if key in r and not math.isnan(r[key])]
+        summary[key] = float(np.mean(values)) if values else float("nan")
+    summary["saliency_source"] = "saliency network" if getattr(network, "saliency", None) is not None else "Grad-CAM"
+    return {"summary": summary, "records": records, "maps": maps}
+
+
+def run_protocol(
+    out_dir: Path,
+    protocol: str = "quick",
+    datasets: Sequence[str] = ("ddti", "busbra", "busbra_cross"),
+    variants: Sequence[str] = tuple(VARIANTS),
+    data_root: Optional[Path] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    device: str = "cpu",
+    progress: Optional[Callable[[str], None]] = print,
+) -> dict:
+    """Train and evaluate every (split, variant); resumable (finished runs are kept in
+    ``out_dir/runs/`` and skipped). Returns :func:`summarize` of everything."""
+    settings = {**PROTOCOLS[protocol], **dict(overrides or {})}
+    data_root = Path(data_root) if data_root else Path(__file__).resolve().parents[2] / "shared" / "data"
+    out_dir = Path(out_dir)
+    splits = build_splits(data_root, datasets, settings["val_fraction"], settings["seed"])
+    prepared = Preprocessed(settings["image_size"])
+    from .transforms import augmentation_transforms
+
+    train_tf = [prepared.transform()] + augmentation_transforms(settings["image_size"])
+    total = len(splits) * len(variants)
+    done = 0
+    started = time.time()
+    for split in splits:
+        for variant in variants:
+            done += 1
+            result_path = out_dir / "runs" / split.dataset / split.name / f"{variant}.json"
+            if result_path.is_file():
+                continue
+            t0 = time.time()
+            torch.manual_seed(settings["seed"])
+            network = build_variant(variant)
+            loss = SaliencyGuidedLoss(VARIANTS[variant]["loss"], class_weights="balanced")
+            optimizer = torch.optim.Adam(network.parameters(), lr=settings["lr"])
+            run_dir = result_path.parent / f"{variant}_train"
+            train_settings = TrainSettings(
+                epochs=settings["epochs"], batch_size=settings["batch_size"], val_batch_size=64,
+                image_size=settings["image_size"], seed=settings["seed"], progress=False, log_every=0, tensorboard=False,
+                early_stop_patience=settings.get("early_stop_patience", 0),
+            )
+            stats = fit(network, loss, optimizer, split.train, split.val, run_dir, train_settings, device=device,
+                        train_transforms=train_tf, val_transforms=[prepared.transform()])
+            best = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+            network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in best["state_dict"].items()})
+            network.to("cpu").to(memory_format=torch.contiguous_format)
+            evaluation = evaluate_split(network, variant, split.test, prepared)
+            result = {
+                "dataset": split.dataset, "split": split.name, "variant": variant, "protocol": protocol, "settings": settings,
+                "sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+                "best_epoch": stats.get("best_metric_epoch"), "val_metrics": stats.get("metrics"),
+                "test": evaluation["summary"], "records": evaluation["records"], "seconds": round(time.time() - t0, 1),
+            }
+            atomic_write_json(result_path, result)
+            keep = split.name in ("fold1", "logiq7_to_others")  # kept for the overlay figures
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            if keep:
+                shutil.move(str(run_dir / "model.pt"), str(result_path.with_suffix(".pt")))
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if progress:
+                elapsed = time.time() - started
+                progress(f"[protocol] {done}/{total} {split.dataset}/{split.name}/{variant}: test AUC "
+                         f"{evaluation['summary']['auc']:.3f} ({result['seconds']:.0f}s; {elapsed / 60:.1f} min so far)")
+    for split in splits:
+        if split.name in ("fold1", "logiq7_to_others"):
+            overlay_figure(out_dir, split, variants, prepared)
+    return summarize(out_dir, datasets, variants)
+
+
+def overlay_figure(out_dir: Path, split: Split, variants: Sequence[str], prepare: Callable[[Mapping], torch.Tensor],
+                   n: int = 3) -> Optional[Path]:
+    """A grid of test frames (``n`` classified correctly and ``n`` wrongly by the well-posed
+    variant, with lesion masks) by variant: each cell the saliency heat map over the frame and
+    the expert outline (green)."""
+    from .reports import _pyplot
+
+    folder = out_dir / "runs" / split.dataset / split.name
+    reference = folder / "full_wellposed.json"
+    if not reference.is_file():
+        return None
+    records = json.loads(reference.read_text())["records"]
+    with_mask = {d["image"]: d for d in split.test if d.get("mask")}
+    correct = [r for r in records if r["image"] in with_mask and (r["prob_malignant"] >= 0.5) == bool(r["label"])]
+    wrong = [r for r in records if r["image"] in with_mask and (r["prob_malignant"] >= 0.5) != bool(r["label"])]
+    chosen = correct[:n] + wrong[:n]
+    shown = [v for v in variants if (folder / f"{v}.pt").is_file()]
+    if not chosen or not shown:
+        return None
+    maps = {}
+    for variant in shown:
+        network = build_variant(variant)
+        payload = torch.load(folder / f"{variant}.pt", map_location="cpu", weights_only=True)
+        network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+        items = [with_mask[r["image"]] for r in chosen]
+        maps[variant] = evaluate_split(network, variant, items, prepare, keep_maps=[d["image"] for d in items])
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(chosen), len(shown), figsize=(2.2 * len(shown), 2.2 * len(chosen)), dpi=100, squeeze=False)
+    for row, rec in enumerate(chosen):
+        frame = np.asarray(load_image(rec["image"]).array)
+        gray = frame if frame.ndim == 2 else frame.mean(axis=2)
+        mask = np.asarray(load_image(with_mask[rec["image"]]["mask"]).array)
+        mask = mask[..., 0] if mask.ndim == 3 else mask
+        for col, variant in enumerate(shown):
+            ax = axes[row, col]
+            ax.imshow(gray, cmap="gray")
+            sal = maps[variant]["maps"].get(rec["image"])
+            if sal is not None:
+                ax.imshow(sal, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            if mask.any():
+                ax.contour(mask > 0, levels=[0.5], colors="lime", linewidths=0.8)
+            p = next(r["prob_malignant"] for r in maps[variant]["records"] if r["image"] == rec["image"])
+            ax.set_title(f"P(mal) {p:.2f}", fontsize=7)
+            ax.axis("off")
+            if row == 0:
+                ax.text(0.5, 1.25, VARIANTS[variant]["label"], transform=ax.transAxes, ha="center", fontsize=6.5, wrap=True)
+        truth = "malignant" if rec["label"] else "benign"
+        kind = "correct" if rec in correct else "wrong"
+        axes[row, 0].text(-0.08, 0.5, f"{Path(rec['image']).stem}\n{truth} ({kind})", transform=axes[row, 0].transAxes,
+                          ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    path = out_dir / f"overlays_{split.dataset}_{split.name}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return float("nan"), float("nan")
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+SUMMARY_KEYS = METRIC_NAMES + ("energy_in_mask", "pointing_game", "iou")
+
+
+def summarize(out_dir: Path, datasets: Sequence[str] = ("ddti", "busbra", "busbra_cross"),
+              variants: Sequence[str] = tuple(VARIANTS)) -> dict:
+    """Aggregate finished runs: per split and mean +- sd over splits; write ``results.json``,
+    ``tables.md`` and ``roc_<dataset>.png`` (test predictions pooled over the splits)."""
+    out_dir = Path(out_dir)
+    results: dict = {"datasets": {}}
+    lines = []
+    for dataset in datasets:
+        per_variant = {}
+        curves = {}
+        for variant in variants:
+            runs = [json.loads(p.read_text()) for p in sorted((out_dir / "runs" / dataset).glob(f"*/{variant}.json"))]
+            if not runs:
+                continue
+            entry = {"splits": {r["split"]: r["test"] for r in runs}, "seconds": sum(r["seconds"] for r in runs)}
+            for key in SUMMARY_KEYS:
+                entry[key] = _mean_sd([r["test"].get(key) for r in runs])
+            per_variant[variant] = entry
+            probs = [rec["prob_malignant"] for r in runs for rec in r["records"]]
+            labels = [rec["label"] for r in runs for rec in r["records"]]
+            curves[VARIANTS[variant]["label"]] = (probs, labels)
+        if not per_variant:
+            continue
+        results["datasets"][dataset] = per_variant
+        if curves:
+            plot_roc(curves, str(out_dir / f"roc_{dataset}.png"), title=f"{dataset}: test predictions of all splits")
+        n_splits = max(len(v["splits"]) for v in per_variant.values())
+        lines.append(f"### {dataset} ({n_splits} splits; mean +- sd over splits)\n")
+        lines.append("| variant | " + " | ".join(SUMMARY_KEYS) + " |")
+        lines.append("|---|" + "---|" * len(SUMMARY_KEYS))
+        for variant, entry in per_variant.items():
+            cells = []
+            for key in SUMMARY_KEYS:
+                m, s = entry[key]
+                cells.append("n/a" if math.isnan(m) else f"{m:.3f} +- {s:.3f}")
+            lines.append(f"| {VARIANTS[variant]['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    atomic_write_json(out_dir / "results.json", results)
+    (out_dir / "tables.md").write_text("\n".join(lines))
+    return results
