@@ -17,6 +17,8 @@ echo "setting up $venv (first run takes a few minutes)..." >&2
 if [ ! -x "$venv/bin/python" ]; then
   "$python_bin" -m venv "$venv"
 fi
+# (pip warns about every local index folder that lacks a package; those lines are noise)
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  -c "$root/constraints.txt" -e "$root[test]"
+  -c "$root/constraints.txt" -e "$root[test]" \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 echo "$want" > "$stamp"

@@ -7,6 +7,7 @@ A model file is ``torch.save`` of a plain dict (tensors, numbers, strings, lists
      "network_def": {"_target_": "thyroid_plugin.networks.SaliencyGuidedClassifier", ...},
      "state_dict": {...},            # fp16 when published, BatchNorm statistics kept in fp32
      "image_size": 224, "class_names": ["benign", "malignant"],
+     "threshold": 0.73,              # operating point chosen on validation data
      "metrics": {"auc": ..., ...},   # validation metrics of this model
      "created": "2026-11-27T20:00:00Z", "train": {...}}   # what it was trained on and how
 """
@@ -73,6 +74,7 @@ def save_checkpoint(
     metrics: Optional[Mapping[str, Any]] = None,
     train_info: Optional[Mapping[str, Any]] = None,
     half: bool = True,
+    threshold: Optional[float] = None,
 ) -> str:
     """Write a model file atomically (a reader sees the old file or the new one, never half).
 
@@ -83,6 +85,8 @@ def save_checkpoint(
         image_size: side of the square network input it was trained at.
         metrics: validation metrics to record with it.
         train_info: anything else worth keeping (data, epochs, loss form, ...).
+        threshold: the malignant-probability operating point chosen on validation data (Youden's
+            J); inference uses it unless configured otherwise. Default 0.5.
         half: store floating weights as fp16 (BatchNorm statistics stay fp32): half the size,
             and inference loads them back to the compute precision.
 
@@ -104,6 +108,7 @@ def save_checkpoint(
         "image_size": int(image_size),
         "class_names": list(CLASS_NAMES),
         "metrics": _to_plain(dict(metrics or {})),
+        "threshold": float(threshold) if threshold is not None and 0.0 < float(threshold) < 1.0 else 0.5,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "train": _to_plain(dict(train_info or {})),
     }
@@ -165,3 +170,15 @@ def network_from_checkpoint(payload: Mapping[str, Any], dtype: torch.dtype = tor
     except RuntimeError as e:
         raise InvalidModelError(f"the weights do not fit the network: {str(e).splitlines()[0]}") from None
     return network.to(dtype).eval()
+
+
+def set_threshold(path: os.PathLike | str, threshold: float) -> str:
+    """Store a new operating point in a model file (atomically); returns the new identity."""
+    if not 0.0 < float(threshold) < 1.0:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+    payload = load_checkpoint(path)
+    payload["threshold"] = float(threshold)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return model_identity(path)

@@ -83,6 +83,13 @@ def _add_protocol(sub) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="set a model's operating point (Youden's J) from a labelled validation set")
+    p.add_argument("--csv", required=True, help="labelled validation data, not the test data")
+    p.add_argument("--model", required=True, help="model file (updated in place, atomically)")
+    p.add_argument("--device")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thyroid-nodule", description="Train, evaluate and run the thyroid nodule classifier; import labelled data into a MONAI Label studies folder.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -93,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(sub)
     _add_split(sub)
     _add_protocol(sub)
+    _add_calibrate(sub)
     return parser
 
 
@@ -224,12 +232,32 @@ def cmd_protocol(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .checkpoint import set_threshold
+    from .data import load_datalist
+    from .inference import NodulePredictor
+    from .metrics import binary_metrics, youden_threshold
+
+    datalist = load_datalist(args.csv)
+    predictor = NodulePredictor(args.model, device=args.device)
+    probs = [p.probabilities["malignant"] for start in range(0, len(datalist), 16)
+             for p in predictor.predict_batch([d["image"] for d in datalist[start : start + 16]],
+                                              [d.get("roi") for d in datalist[start : start + 16]])]
+    labels = [int(d["label"]) for d in datalist]
+    threshold = youden_threshold(probs, labels)
+    identity = set_threshold(args.model, threshold)
+    metrics = binary_metrics(probs, labels, threshold)
+    print(json.dumps({"model": identity, "threshold": round(threshold, 6), "n": len(labels),
+                      "at_threshold": {k: (None if v != v else round(v, 4)) for k, v in metrics.items()}}))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "import-studies": cmd_import, "split": cmd_split,
-                "protocol": cmd_protocol}
+                "protocol": cmd_protocol, "calibrate": cmd_calibrate}
     from .errors import ThyroidPluginError
 
     try:

@@ -43,7 +43,7 @@ from .checkpoint import save_checkpoint
 from .constants import CLASS_NAMES, POSITIVE_CLASS
 from .data import class_counts, grouped_split, load_datalist
 from .io import atomic_write_bytes, atomic_write_json, json_safe
-from .metrics import METRIC_NAMES, binary_metrics
+from .metrics import METRIC_NAMES, binary_metrics, youden_threshold
 from .transforms import augmentation_transforms, preprocess_transforms
 
 __all__ = [
@@ -144,6 +144,7 @@ class ClassificationMetrics(Metric):
         y = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=int)
         out = binary_metrics(p, y)
         out["loss"] = self._ce / max(1, len(y))
+        out["threshold"] = youden_threshold(p, y)  # the validation operating point, stored with the model
         return out
 
 
@@ -401,7 +402,8 @@ def fit(
     def _publish(engine_epoch: int, metrics: Mapping[str, float]) -> None:
         info = {**dict(train_info or {}), "epoch": engine_epoch, "train_size": len(train_list), "val_size": len(val_list),
                 "loss_form": getattr(loss_fn, "form", ""), "settings": asdict(settings)}
-        identity = save_checkpoint(out / "model.pt", network, network_def, size, metrics, info)
+        identity = save_checkpoint(out / "model.pt", network, network_def, size, metrics, info,
+                                   threshold=metrics.get("threshold"))
         atomic_write_json(out / "metrics.json", {k: metrics.get(k) for k in METRIC_NAMES})
         stats["model"] = identity
         if publish_path:

@@ -93,7 +93,9 @@ class NodulePredictor:
         compile: ``torch.compile`` the network (slower first call, faster after).
         network_def: when given, the model file must have been trained with exactly this network
             configuration (the served config), else :class:`InvalidModelError`.
-        threshold: malignant probability at or above which the label is malignant.
+        threshold: malignant probability at or above which the label is malignant; ``None``
+            (default) uses the operating point stored in the model file (chosen on validation
+            data when it was trained; 0.5 if it has none).
         mask_threshold: saliency level reported as the binary mask's threshold.
         num_threads: intra-op CPU threads (default: torch's choice).
 
@@ -110,7 +112,7 @@ class NodulePredictor:
         channels_last: bool = True,
         compile: bool = False,
         network_def: Optional[Mapping[str, Any]] = None,
-        threshold: float = 0.5,
+        threshold: Optional[float] = None,
         mask_threshold: float = 0.5,
         num_threads: Optional[int] = None,
     ) -> None:
@@ -120,7 +122,7 @@ class NodulePredictor:
         self.channels_last = channels_last
         self.compile = compile
         self.expected_network_def = dict(network_def) if network_def else None
-        self.threshold = float(threshold)
+        self.threshold_override = None if threshold is None else float(threshold)
         self.mask_threshold = float(mask_threshold)
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -162,6 +164,7 @@ class NodulePredictor:
             "created": payload.get("created"),
             "train": dict(payload.get("train", {})),
             "network_def": dict(payload["network_def"]),
+            "threshold": float(payload.get("threshold", 0.5)),
             "transforms": Compose(preprocess_transforms(int(payload["image_size"]))),
         }
         self._state = state  # one reference swap: readers see the old or the new model
@@ -188,6 +191,11 @@ class NodulePredictor:
         return True
 
     @property
+    def threshold(self) -> float:
+        """Malignant probability at or above which the label is malignant."""
+        return self.threshold_override if self.threshold_override is not None else self._state["threshold"]
+
+    @property
     def model_id(self) -> str:
         return self._state["model"]
 
@@ -199,6 +207,7 @@ class NodulePredictor:
         """What the loaded model is: identity, validation metrics, creation time, input size."""
         s = self._state
         return {"model": s["model"], "metrics": s["metrics"], "created": s["created"], "image_size": s["image_size"],
+                "threshold": self.threshold,
                 "network": s["network_def"], "precision": str(s["dtype"]).replace("torch.", "") if s["dtype"] else "fp32",
                 "device": str(self.device), "train": s["train"]}
 
@@ -243,10 +252,11 @@ class NodulePredictor:
                 crop = F.interpolate(sal[n : n + 1], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
                 saliency[y0:y1, x0:x1] = crop[0, 0].cpu().numpy()
             p = {name: float(probs[n, i]) for i, name in enumerate(CLASS_NAMES)}
-            label = CLASS_NAMES[POSITIVE_CLASS] if p[CLASS_NAMES[POSITIVE_CLASS]] >= self.threshold else CLASS_NAMES[1 - POSITIVE_CLASS]
+            threshold = self.threshold_override if self.threshold_override is not None else state["threshold"]
+            label = CLASS_NAMES[POSITIVE_CLASS] if p[CLASS_NAMES[POSITIVE_CLASS]] >= threshold else CLASS_NAMES[1 - POSITIVE_CLASS]
             full = box == [0, 0, img.shape[1], img.shape[0]]
             results.append(Prediction(label, p, saliency, None if full and rois[n] is None else box, state["model"],
-                                      self.threshold, self.mask_threshold))
+                                      threshold, self.mask_threshold))
         t3 = time.perf_counter()
         per = len(images)
         for r in results:

@@ -34,8 +34,11 @@ from .errors import ImageTooLargeError, InvalidImageError
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "UltrasoundImage",
+    "PARTIAL_SUFFIX",
+    "atomic_copy_file",
     "atomic_write_bytes",
     "atomic_write_json",
+    "is_partial_file",
     "detect_format",
     "load_image",
     "mask_suffix",
@@ -205,7 +208,8 @@ def load_image(path: PathLike, frame: Optional[int] = None, max_pixels: int = DE
     except MemoryError:
         raise ImageTooLargeError("the image is too large to decode") from None
     except Exception as e:  # any decoder failure on a damaged file is the file's fault
-        raise InvalidImageError(f"cannot decode this {fmt.upper()} file ({type(e).__name__}: {_first_line(e)})") from None
+        detail = _first_line(e).replace(path, os.path.basename(path))  # no server paths in messages
+        raise InvalidImageError(f"cannot decode this {fmt.upper()} file ({type(e).__name__}: {detail})") from None
     image.path = path
     _check_frame(image)
     return image
@@ -219,6 +223,44 @@ def _first_line(e: Exception) -> str:
 def _check_size(n_pixels: int, max_pixels: int, what: str = "image") -> None:
     if n_pixels > max_pixels:
         raise ImageTooLargeError(f"the {what} has {n_pixels} pixels, more than the limit of {max_pixels}")
+
+
+#: decoded pixel data may take at most this many bytes per allowed pixel (``max_pixels``): 160 MB
+#: at the default, enough for the largest RGB or 32-bit frame, not for a compressed volume of
+#: 64-bit values that claims few enough pixels
+_BYTES_PER_PIXEL = 4
+
+
+def _check_bytes(n_bytes: int, max_pixels: int) -> None:
+    """Refuse, from the header, data whose decoded size exceeds the limit (a small compressed
+    file that would expand to gigabytes)."""
+    limit = _BYTES_PER_PIXEL * max_pixels
+    if n_bytes > limit:
+        raise ImageTooLargeError(f"the image would take {n_bytes / 1e6:.0f} MB once decoded, more than the limit of "
+                                 f"{limit / 1e6:.0f} MB")
+
+
+def _count(shape) -> int:
+    """Number of values of an array shape read from a header (Python integers: no overflow)."""
+    import math
+
+    shape = [int(s) for s in shape]
+    if not shape or any(s <= 0 for s in shape):
+        raise InvalidImageError(f"the header declares an invalid size {shape}")
+    return math.prod(shape)
+
+
+def _nrrd_itemsize(kind: str) -> int:
+    kind = str(kind).strip().lower()
+    if kind in ("double", "int64", "int64_t", "uint64", "uint64_t", "longlong", "long long", "long long int",
+                "signed long long", "signed long long int", "ulonglong", "unsigned long long", "unsigned long long int"):
+        return 8
+    if kind in ("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
+                "unsigned short", "unsigned short int", "uint16", "uint16_t"):
+        return 2
+    if kind in ("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t", "block"):
+        return 1
+    return 4
 
 
 def _check_frame(image: UltrasoundImage) -> None:
@@ -283,9 +325,12 @@ def _load_dicom(path: str, frame: Optional[int], max_pixels: int) -> UltrasoundI
         raise InvalidImageError("the DICOM file has no pixel data (not an image object)")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if rows <= 0 or cols <= 0:
-        raise InvalidImageError("the DICOM file has no valid Rows/Columns")
+    if rows <= 0 or cols <= 0 or n_frames <= 0:
+        raise InvalidImageError("the DICOM file has no valid Rows/Columns/NumberOfFrames")
     _check_size(rows * cols * n_frames, max_pixels)
+    samples = max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+    bits = max(8, int(ds.get("BitsAllocated", 8) or 8))
+    _check_bytes(rows * cols * n_frames * samples * ((bits + 7) // 8), max_pixels)
     if frame is not None and not 0 <= frame < n_frames:
         raise InvalidImageError(f"frame {frame} requested, the DICOM file has {n_frames}")
     index = frame or 0
@@ -386,7 +431,11 @@ def _load_nifti(path: str, max_pixels: int) -> UltrasoundImage:
 
     img = nib.load(path)
     shape = tuple(int(s) for s in img.shape)
-    _check_size(int(np.prod(shape)), max_pixels * 3)
+    n_values = _count(shape)
+    _check_size(n_values, max_pixels * 3)
+    slope, inter = img.header.get_slope_inter()
+    scaled = slope is not None and (slope != 1 or (inter or 0) != 0)
+    _check_bytes(n_values * max(img.get_data_dtype().itemsize, 8 if scaled else 0), max_pixels)
     data = np.asanyarray(img.dataobj)
     if data.dtype.names and set("RGB").issubset(set(data.dtype.names)):  # RGB24 / RGBA32
         data = np.stack([data["R"], data["G"], data["B"]], axis=-1)
@@ -412,8 +461,14 @@ def _load_nrrd(path: str, max_pixels: int) -> UltrasoundImage:
     import nrrd
 
     header = nrrd.read_header(path)
+    if "data file" in header or "datafile" in header:
+        # the data would be read from another file named by the header: any file on the server
+        raise InvalidImageError("NRRD files whose data is in a separate file ('data file:') are not accepted; "
+                                "save the image as one .nrrd file")
     sizes = [int(s) for s in header.get("sizes", [])]
-    _check_size(int(np.prod(sizes)) if sizes else 0, max_pixels * 3)
+    n_values = _count(sizes)
+    _check_size(n_values, max_pixels * 3)
+    _check_bytes(n_values * _nrrd_itemsize(header.get("type", "uint8")), max_pixels)
     kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(sizes))]
     data, header = nrrd.read(path, index_order="F")  # data[axis0, axis1, ...] in file axis order
     vector_axes = [n for n, k in enumerate(kinds) if k not in ("domain", "space", "time")]
@@ -464,22 +519,80 @@ def mask_suffix(image: UltrasoundImage) -> str:
     return _MASK_SUFFIX[image.format]
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+#: suffix of the temporary files the atomic writers below create next to their destination
+#: (``.<name>.<random>.partial``): hidden, and matching no image pattern, so a crash that leaves
+#: one behind never makes it look like a finished file (see :func:`is_partial_file`).
+PARTIAL_SUFFIX = ".partial"
+
+
+def is_partial_file(name: str) -> bool:
+    """Whether a file name is a temporary file of the atomic writers (current or older naming)."""
+    base = os.path.basename(name)
+    return base.startswith(".") and (base.endswith(PARTIAL_SUFFIX) or base.startswith(".tmp-"))
+
+
+def _atomic_write(path: PathLike, write, before_replace=None) -> None:
+    """Write a file next to ``path`` with ``write(fp)``, flush it to disk, then rename it over
+    ``path``: readers (and a restart after a crash) see the old file or the whole new one.
+    ``before_replace()``, if given, runs once the new file is complete; if it raises, ``path``
+    is left as it was."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)[:96]}.", suffix=PARTIAL_SUFFIX, dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fp:
-            fp.write(data)
+            write(fp)
             fp.flush()
             os.fsync(fp.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    The bytes go to a temporary ``.<name>.<random>.partial`` file in the same folder first
+    (removed if writing fails, e.g. when the disk is full), are flushed to disk, and the file is
+    then renamed over ``path``."""
+    _atomic_write(path, lambda fp: fp.write(data))
+
+
+def atomic_copy_file(src: PathLike, dst: PathLike, before_replace=None) -> None:
+    """Copy ``src`` to ``dst`` atomically (like :func:`atomic_write_bytes`, streaming).
+
+    Args:
+        before_replace: called when the copy is complete and flushed, just before it replaces
+            ``dst`` (e.g. to record it somewhere first); if it raises, ``dst`` is left as it was
+            and the copy is removed.
+    """
+    import shutil
+
+    def write(fp) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, fp, 1 << 20)
+
+    _atomic_write(dst, write, before_replace)
 
 
 def json_safe(value: Any) -> Any:

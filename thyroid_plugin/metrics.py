@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["METRIC_NAMES", "binary_metrics"]
+__all__ = ["METRIC_NAMES", "binary_metrics", "youden_threshold"]
 
 #: the keys of :func:`binary_metrics`, in report order
 METRIC_NAMES = ("auc", "accuracy", "sensitivity", "specificity", "f1", "balanced_accuracy")
@@ -63,3 +63,21 @@ def binary_metrics(prob_malignant: Sequence[float], labels: Sequence[int], thres
         "f1": f1,
         "balanced_accuracy": (sens + spec) / 2 if not (np.isnan(sens) or np.isnan(spec)) else nan,
     }
+
+
+def youden_threshold(prob_malignant: Sequence[float], labels: Sequence[int], default: float = 0.5) -> float:
+    """The operating point that maximises sensitivity + specificity - 1 (Youden's J) on these
+    predictions: a case is malignant when its probability is ``>=`` the returned value.
+    ``default`` when both classes are not present."""
+    p = np.asarray(prob_malignant, dtype=float).ravel()
+    y = np.asarray(labels, dtype=int).ravel()
+    pos, neg = int(np.sum(y == 1)), int(np.sum(y == 0))
+    if pos == 0 or neg == 0:
+        return float(default)
+    best_t, best_j = float(default), -np.inf
+    for t in np.unique(p):
+        called = p >= t
+        j = np.sum(called & (y == 1)) / pos + np.sum(~called & (y == 0)) / neg - 1.0
+        if j > best_j + 1e-12:
+            best_t, best_j = float(t), j
+    return best_t

@@ -7,29 +7,43 @@ diagnosis). :class:`ConfirmedCasesDatastore` is MONAI Label's local datastore wi
 - "labelled" meaning confirmed (so batch inference on labelled/unlabelled images and active
   learning work on diagnoses, not on segmentation files);
 - image ids and label tags checked, so no request can read or write outside the studies folder;
-- the datastore JSON written atomically (a crash leaves the old or the new file, never half),
-  re-read whenever another process (a background batch or training task, the import command)
-  changed it, and every change made on the latest version under the datastore's file lock;
-- diagnoses validated when they are stored.
+- the datastore JSON, images and labels written atomically (a crash leaves the old or the new
+  file, never half of one: each file is written under a hidden ``.partial`` name that no image
+  pattern matches, flushed, then renamed; leftovers of a crash are removed when the datastore
+  opens), the JSON re-read whenever another process (a background batch or training task, the
+  import command) changed it, and every change made on the latest version under the datastore's
+  file lock;
+- images and labels checked to be readable 2D frames, and stored under an extension that fits
+  their content (never one taken from the uploaded file name);
+- diagnoses validated when they are stored, and no NaN or infinity in any stored info;
+- a studies folder that cannot be written refused at once with a one-line
+  :class:`StudiesFolderError`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.exception import ImageNotFoundException
 
 from .constants import CLASS_NAMES, DIAGNOSIS_FIELD, label_index
 from .errors import ThyroidPluginError
-from .io import atomic_write_bytes, detect_format, load_image
+from .io import atomic_copy_file, atomic_write_bytes, detect_format, is_partial_file, load_image
 
-__all__ = ["ConfirmedCasesDatastore", "InvalidRequestError", "check_id", "import_collection", "validate_image_info"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ConfirmedCasesDatastore", "InvalidRequestError", "StudiesFolderError", "check_id", "check_studies_folder",
+           "import_collection", "validate_image_info"]
 
 #: letters, digits and ``._-()+ `` (DDTI names like ``100_1(2)``), up to 128 characters, not
 #: starting with a dot: no path separators, no ``..``, no NUL.
@@ -42,6 +56,57 @@ _EXTENSIONS = ["*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm", 
 
 class InvalidRequestError(ThyroidPluginError, ValueError):
     """A request names an invalid image id, tag or info value."""
+
+
+class StudiesFolderError(ThyroidPluginError, OSError):
+    """The studies folder cannot be created, read or written (the message is one line)."""
+
+
+def check_studies_folder(path: os.PathLike | str, writable: bool = True) -> Path:
+    """Create the studies folder if needed and check that files can be written in it.
+
+    Raises:
+        StudiesFolderError: it is not a folder, cannot be created, or cannot be written (for
+            example its parent is a regular file, the disk is read-only or full).
+    """
+    folder = Path(path)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "it is a file, not a folder")
+        if writable:
+            folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        if writable:
+            import tempfile
+
+            fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".partial", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.listdir(folder)
+    except OSError as e:
+        raise StudiesFolderError(f"the studies folder {folder} cannot be used: {_os_reason(e, folder)}") from None
+    return folder
+
+
+def _os_reason(e: OSError, folder) -> str:
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.filename and os.fspath(e.filename) != os.fspath(folder):
+        reason += f" ({e.filename})"
+    return reason
+
+
+def _check_finite(value: Any, what: str = "info") -> None:
+    """Refuse NaN and infinity anywhere in a JSON-like value (the datastore file must stay JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequestError(f"{what} contains {value!r}; use finite numbers")
+    if isinstance(value, Mapping):
+        for v in value.values():
+            _check_finite(v, what)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_finite(v, what)
 
 
 def check_id(value: str, what: str = "image id") -> str:
@@ -66,6 +131,7 @@ def validate_image_info(info: Mapping[str, Any]) -> Dict[str, Any]:
     """
     if not isinstance(info, Mapping):
         raise InvalidRequestError("info must be a JSON object")
+    _check_finite(info)
     out = dict(info)
     if DIAGNOSIS_FIELD in out and out[DIAGNOSIS_FIELD] is not None:
         try:
@@ -92,8 +158,38 @@ class ConfirmedCasesDatastore(LocalDatastore):
                  read_only: bool = False) -> None:
         from filelock import FileLock
 
+        check_studies_folder(datastore_path, writable=not read_only)
         self._writer_lock = FileLock(os.path.join(datastore_path, ".writer.lock"))
-        super().__init__(datastore_path, extensions=list(extensions), auto_reload=auto_reload, read_only=read_only)
+        if not read_only:
+            self._remove_partial_files(datastore_path)
+        try:
+            super().__init__(datastore_path, extensions=list(extensions), auto_reload=auto_reload, read_only=read_only)
+        except OSError as e:
+            raise StudiesFolderError(f"the studies folder {datastore_path} cannot be used: {_os_reason(e, datastore_path)}") from None
+        except ValueError as e:  # pydantic: the datastore JSON is not what MONAI Label wrote
+            raise StudiesFolderError(
+                f"the datastore file {self._datastore_config_path} is damaged ({_first_line(e)}); restore it from a backup "
+                "or move it away (it is then rebuilt from the image and label files, without their infos)") from None
+
+    def _remove_partial_files(self, root: str) -> None:
+        """Delete what interrupted atomic writes left behind (``.<name>.<random>.partial``, and the
+        ``.tmp-*`` files of older versions), before MONAI Label's start-up reconciliation could
+        take one of them for an image or a label. Runs under both datastore locks, so it never
+        removes a file another process is writing right now."""
+        from filelock import FileLock
+
+        labels = os.path.join(root, "labels")
+        folders = [root, labels]
+        if os.path.isdir(labels):
+            folders += [e.path for e in os.scandir(labels) if e.is_dir(follow_symlinks=False)]
+        with self._writer_lock, FileLock(os.path.join(root, ".lock")):
+            for folder in folders:
+                if not os.path.isdir(folder):
+                    continue
+                for entry in os.scandir(folder):
+                    if entry.is_file(follow_symlinks=False) and is_partial_file(entry.name):
+                        os.unlink(entry.path)
+                        logger.warning("removed %s, left behind by an interrupted write", entry.path)
 
     # ----------------------------------------------------------- one truth: the file on disk
     def _sync(self) -> None:
@@ -111,7 +207,20 @@ class ConfirmedCasesDatastore(LocalDatastore):
         # nested updates in a thread re-enter it.
         with self._writer_lock:
             self._sync()
-            return method(*args)
+            try:
+                return method(*args)
+            except BaseException:
+                self._discard_unsaved()  # e.g. the disk is full: forget what was not written
+                raise
+
+    def _discard_unsaved(self) -> None:
+        """Make the in-memory datastore the file on disk again (changes that were not written
+        must not be shown, nor written later by another change)."""
+        self._config_ts = 0
+        if os.path.exists(self._datastore_config_path):
+            self._init_from_datastore_file()
+        else:
+            self._datastore.objects.clear()
 
     def list_images(self):
         self._sync()
@@ -119,6 +228,8 @@ class ConfirmedCasesDatastore(LocalDatastore):
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
         self._sync()
+        if image_id not in self._datastore.objects:
+            check_id(image_id)  # an unknown id is {} (MONAI Label's answer) only if it is a valid one
         return super().get_image_info(image_id)
 
     def get_label_info(self, label_id: str, label_tag: str) -> Dict[str, Any]:
@@ -129,6 +240,8 @@ class ConfirmedCasesDatastore(LocalDatastore):
 
     def get_labels_by_image_id(self, image_id: str) -> Dict[str, str]:
         self._sync()
+        if image_id not in self._datastore.objects:
+            check_id(image_id)
         return super().get_labels_by_image_id(image_id)
 
     def datalist(self, full_path=True):
@@ -169,35 +282,64 @@ class ConfirmedCasesDatastore(LocalDatastore):
         if image_id:
             check_id(image_id)
         else:
-            check_id(self._to_id(os.path.basename(image_filename))[0])
+            image_id = check_id(self._to_id(os.path.basename(image_filename))[0])
         info = validate_image_info(image_info or {})
         load_image(image_filename)  # only readable 2D frames enter the store (InvalidImageError otherwise)
-        suffixes = _suffixes_of(image_filename)
-        if not image_filename.lower().endswith(suffixes):
-            # keep the file under a name whose extension says what it is, or the datastore
-            # would not find it again after a restart
-            import tempfile
+        # the stored file's extension says what it is (else the datastore would not find it
+        # again after a restart), whatever the upload was called
+        ext = _suffixes_of(image_filename)[0]
+        return self._locked_update(self._store_image, image_id, image_filename, ext, info)
 
-            with tempfile.TemporaryDirectory() as tmp:
-                named = os.path.join(tmp, f"upload{suffixes[0]}")
-                shutil.copyfile(image_filename, named)
-                return self._locked_update(super().add_image, image_id or check_id(Path(image_filename).name.split(".")[0]), named, info)
-        return self._locked_update(super().add_image, image_id, image_filename, info)
+    def _store_image(self, image_id: str, src: str, ext: str, info: Dict[str, Any]) -> str:
+        logger.info("adding image %s", image_id)
+        name = self._filename(image_id, ext)
+        old = self._datastore.objects.get(image_id)
+
+        def record() -> None:  # the file is complete on disk: record it, then it takes its name
+            info_ = dict(info, ts=int(time.time()), name=name)
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info_, ext=ext))
+            self._update_datastore_file()
+
+        atomic_copy_file(src, os.path.join(self._datastore.image_path(), name), before_replace=record)
+        if old is not None and old.image.ext != ext:
+            _remove_quietly(os.path.join(self._datastore.image_path(), self._filename(image_id, old.image.ext)))
+        return image_id
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         check_id(image_id)
         check_tag(label_tag)
         info = dict(label_info or {})
-        diagnosis = info.get(DIAGNOSIS_FIELD)
-        if diagnosis is not None:
+        _check_finite(info, "label info")
+        confirms = info.get(DIAGNOSIS_FIELD) is not None
+        if confirms:
             info = validate_image_info(info)
-        label_id = self._locked_update(super().save_label, image_id, label_filename, label_tag, info)
-        if diagnosis is not None and label_tag == DefaultLabelTag.FINAL.value:
-            confirmed = {DIAGNOSIS_FIELD: info[DIAGNOSIS_FIELD]}
-            if info.get("roi") is not None:
-                confirmed["roi"] = info["roi"]
-            self.update_image_info(image_id, confirmed)
-        return label_id
+        load_image(label_filename)  # a readable 2D mask (InvalidImageError otherwise)
+        ext = _suffixes_of(label_filename)[0]
+        return self._locked_update(self._store_label, image_id, label_filename, label_tag, ext, info, confirms)
+
+    def _store_label(self, image_id: str, src: str, tag: str, ext: str, info: Dict[str, Any], confirms: bool) -> str:
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            raise ImageNotFoundException(f"Image {image_id} not found")
+        logger.info("saving label %s of image %s", tag, image_id)
+        label_dir = self._datastore.label_path(tag)
+        os.makedirs(label_dir, exist_ok=True)
+        name = self._filename(image_id, ext)
+        old = obj.labels.get(tag)
+
+        def record() -> None:  # the file is complete on disk: record it, then it takes its name
+            obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
+            if confirms and tag == DefaultLabelTag.FINAL.value:
+                # the diagnosis goes into the image info in the same write: both or neither
+                obj.image.info[DIAGNOSIS_FIELD] = info[DIAGNOSIS_FIELD]
+                if info.get("roi") is not None:
+                    obj.image.info["roi"] = info["roi"]
+            self._update_datastore_file()
+
+        atomic_copy_file(src, os.path.join(label_dir, name), before_replace=record)
+        if old is not None and old.ext != ext:
+            _remove_quietly(os.path.join(label_dir, self._filename(image_id, old.ext)))
+        return image_id
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         check_id(image_id)
@@ -206,6 +348,7 @@ class ConfirmedCasesDatastore(LocalDatastore):
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
         check_id(label_id, "label id")
         check_tag(label_tag)
+        _check_finite(info, "label info")
         return self._locked_update(super().update_label_info, label_id, label_tag, info)
 
     def get_image_uri(self, image_id: str) -> str:
@@ -245,6 +388,18 @@ class ConfirmedCasesDatastore(LocalDatastore):
             write()
 
 
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
 def _suffixes_of(path: str) -> tuple:
     """File name suffixes that fit the file's content."""
     fmt = detect_format(path)
@@ -276,8 +431,7 @@ def import_collection(datalist: Sequence[Mapping[str, Any]], studies: os.PathLik
     Returns:
         the ids of the imported images.
     """
-    studies = Path(studies)
-    studies.mkdir(parents=True, exist_ok=True)
+    studies = check_studies_folder(studies)
     store = ConfirmedCasesDatastore(str(studies))
     taken = set(store.list_images())
     ids = []

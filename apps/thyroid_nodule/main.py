@@ -3,6 +3,11 @@ dual-attention classifier), retrains it on confirmed cases and runs batch infere
 
 Start it with ``monailabel start_server --app apps/thyroid_nodule --studies STUDIES`` (see the
 repository README for every ``--conf`` option). Nothing is downloaded: no model zoo, no SAM2.
+
+MONAI Label's sessions (``/session/``: uploads kept under ``~/.cache/monailabel/sessions``, with
+archive extraction and client-chosen session ids used as paths) are turned off whatever
+``MONAI_LABEL_SESSIONS`` says: this app classifies single frames and does not need them. A
+studies folder that cannot be used stops the server at once with a one-line error (exit code 2).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from monailabel.tasks.activelearning.random import Random
 
 import thyroid_plugin
 from thyroid_plugin.constants import CLASS_NAMES, TASK_NAME
-from thyroid_plugin.studies import ConfirmedCasesDatastore, check_id
+from thyroid_plugin.io import is_partial_file
+from thyroid_plugin.studies import ConfirmedCasesDatastore, StudiesFolderError, check_id
 
 from lib.batch import PersistingBatchInfer
 from lib.configs.classify_nodule import ClassifyNoduleConfig
@@ -46,11 +52,17 @@ class ThyroidNoduleApp(MONAILabelApp):
 
     def init_datastore(self) -> ConfirmedCasesDatastore:
         logger.info("studies folder: %s", self.studies)
-        return ConfirmedCasesDatastore(
-            self.studies,
-            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
-        )
+        try:
+            return ConfirmedCasesDatastore(
+                self.studies,
+                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            )
+        except StudiesFolderError as e:
+            _fatal(f"cannot start: {e}")
+
+    def _load_sessions(self, load: bool = False):
+        return None  # sessions off (see the module docstring)
 
     def init_infers(self):
         return {TASK_NAME: self.task_config.infer()}
@@ -89,6 +101,7 @@ class ThyroidNoduleApp(MONAILabelApp):
             return
         from lib import routes
 
+        self._remove_partial_models()
         routes.install(
             server.app,
             known_models=lambda: set(self._infers),
@@ -96,4 +109,37 @@ class ThyroidNoduleApp(MONAILabelApp):
             infer_concurrency=int(self.conf.get("infer_concurrency", 1)),
             infer_queue=int(self.conf.get("infer_queue", 16)),
             max_upload_mb=int(self.conf.get("max_upload_mb", 64)),
+            install_model=lambda model, path: self.task_config.install_model(path),
+            remove_model=self._remove_model,
         )
+
+    def _remove_model(self, model: str) -> Dict[str, str]:
+        from fastapi import HTTPException
+
+        if not os.path.isfile(self.task_config.trained_path):
+            raise HTTPException(status_code=404, detail="there is no trained or installed model to remove; the shipped "
+                                                        "model is served and stays")
+        return self.task_config.remove_model()
+
+    def _remove_partial_models(self) -> None:
+        """Delete what an interrupted model publication left in the model folder (the server
+        process only, at start, when nothing else writes there)."""
+        if not os.path.isdir(self.model_dir):
+            return
+        for entry in os.scandir(self.model_dir):
+            if entry.is_file(follow_symlinks=False) and is_partial_file(entry.name):
+                os.unlink(entry.path)
+                logger.warning("removed %s, left behind by an interrupted model publication", entry.path)
+
+
+def _fatal(message: str) -> None:
+    """Stop the server with one line instead of a start-up traceback (the ASGI server would
+    print the whole stack of the lifespan handler)."""
+    logger.error(message)
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:
+            pass
+    sys.stderr.flush()
+    os._exit(2)

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import requests
 
@@ -29,10 +29,11 @@ class MonaiLabelServer:
         model_dir: the app's model folder (``--conf model_dir``).
         conf: further ``--conf`` key/values.
         env: extra environment variables (e.g. MONAI Label auth settings).
+        preexec_fn: run in the server process before it starts (e.g. resource limits).
     """
 
     def __init__(self, studies: Path, model_dir: Path, conf: Optional[dict] = None, env: Optional[dict] = None,
-                 log_path: Optional[Path] = None) -> None:
+                 log_path: Optional[Path] = None, preexec_fn: Optional[Callable[[], None]] = None) -> None:
         self.studies = Path(studies)
         self.model_dir = Path(model_dir)
         self.conf = dict(conf or {})
@@ -40,6 +41,7 @@ class MonaiLabelServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path) if log_path else self.studies.parent / f"server-{self.port}.log"
+        self.preexec_fn = preexec_fn
         self.process: Optional[subprocess.Popen] = None
 
     def command(self) -> list[str]:
@@ -54,7 +56,7 @@ class MonaiLabelServer:
         env.pop("MONAI_LABEL_APP_CONF", None)
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), cwd=str(REPO), env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=self.preexec_fn)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:

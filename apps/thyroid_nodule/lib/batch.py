@@ -21,6 +21,7 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from thyroid_plugin.constants import TASK_NAME
 from thyroid_plugin.errors import ThyroidPluginError
 from thyroid_plugin.io import load_image, mask_suffix, write_mask
+from thyroid_plugin.studies import InvalidRequestError, check_tag
 
 from .infers.classify_nodule import ClassifyNodule, result_json
 
@@ -45,12 +46,15 @@ class PersistingBatchInfer(BatchInferTask):
             from fastapi import HTTPException
 
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this app serves {TASK_NAME!r}")
+        images = request.get("images", "all")
+        if not (isinstance(images, str) or (isinstance(images, list) and all(isinstance(i, str) for i in images))):
+            raise InvalidRequestError("images must be 'all', 'labeled', 'unlabeled' or a list of image ids")
+        limit = _count_option(request, "max_batch_size", 0)
+        batch_size = max(1, _count_option(request, "batch_size", 8))
+        tag = check_tag(request.get("label_tag") or DefaultLabelTag.ORIGINAL.value)
         image_ids = sorted(self.get_images(request, datastore))
-        limit = int(request.get("max_batch_size", 0) or 0)
         if limit > 0:
             image_ids = image_ids[:limit]
-        tag = request.get("label_tag") or DefaultLabelTag.ORIGINAL.value
-        batch_size = max(1, int(request.get("batch_size", 8) or 8))
         start = time.time()
         results: Dict[str, Any] = {}
         done = 0
@@ -92,3 +96,12 @@ class PersistingBatchInfer(BatchInferTask):
         logger.info("batch inference of %d images in %.1fs, %d failed", len(image_ids), time.time() - start, failed)
         return {"total": len(image_ids), "failed": failed, "label_tag": tag, "results": results,
                 "seconds": round(time.time() - start, 2)}
+
+
+def _count_option(request: Dict[str, Any], key: str, default: int) -> int:
+    value = request.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"{key} must be a non-negative whole number, got {value!r}"[:200])
+    return value

@@ -2,15 +2,22 @@
 
 MONAI Label turns any other exception raised in a request into a bare ``500 Internal Server
 Error``; raising ``HTTPException`` from the app's code gives the client a status and a message.
+
+Storage failures are answered with what they mean for the client, and nothing half-written stays
+behind (the datastore writes every file atomically): a full disk or file size limit (``ENOSPC``,
+``EDQUOT``, ``EFBIG``) is ``507 Insufficient Storage``; a studies or model folder that cannot be
+written (``EROFS``, ``EACCES``, ``EPERM``) or any other I/O error is ``503``.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
 from contextlib import contextmanager
 
 from fastapi import HTTPException
-from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
+from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelException
 
 from thyroid_plugin.errors import (
     ImageTooLargeError,
@@ -19,12 +26,36 @@ from thyroid_plugin.errors import (
     InvalidROIError,
     ModelNotFoundError,
 )
-from thyroid_plugin.studies import InvalidRequestError
+from thyroid_plugin.studies import InvalidRequestError, StudiesFolderError
+
+logger = logging.getLogger(__name__)
+
+#: the storage is full (or a file size limit is reached)
+STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: the storage cannot be written
+STORAGE_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_error(e: OSError) -> HTTPException:
+    """The answer to an ``OSError`` met while reading or writing the server's files."""
+    reason = e.strerror or type(e).__name__
+    if e.errno in STORAGE_FULL:
+        logger.error("storage full: %s", e)
+        return HTTPException(status_code=507, detail=f"the server's storage is full ({reason}); nothing was saved. "
+                                                     "Ask the administrator to free disk space, then try again")
+    if e.errno in STORAGE_READ_ONLY:
+        logger.error("storage not writable: %s", e)
+        return HTTPException(status_code=503, detail=f"the server cannot write to its storage ({reason}); nothing was "
+                                                     "saved. Ask the administrator to check the studies folder",
+                             headers={"Retry-After": "60"})
+    logger.error("storage error: %s", e)
+    return HTTPException(status_code=503, detail=f"the server could not read or write a file ({reason}); try again later",
+                         headers={"Retry-After": "10"})
 
 
 @contextmanager
 def http_errors():
-    """Re-raise library errors as ``HTTPException`` (400, 404, 413, 422 or 503)."""
+    """Re-raise library errors as ``HTTPException`` (400, 404, 413, 422, 503 or 507)."""
     try:
         yield
     except HTTPException:
@@ -37,10 +68,17 @@ def http_errors():
         raise HTTPException(status_code=422, detail=str(e)) from None
     except (ImageNotFoundException, LabelNotFoundException) as e:
         raise HTTPException(status_code=404, detail=str(e.msg if hasattr(e, "msg") else e)) from None
+    except MONAILabelException as e:  # e.g. an unknown model, strategy or scoring method
+        msg = str(getattr(e, "msg", e)).splitlines()[0][:300] if str(getattr(e, "msg", e)) else type(e).__name__
+        raise HTTPException(status_code=404 if "not Initialized" in msg else 422, detail=msg) from None
     except ModelNotFoundError:
         raise HTTPException(status_code=503, detail="no model is installed yet: train one (POST /train/classify_nodule) or install a model file") from None
     except InvalidModelError as e:
         raise HTTPException(status_code=503, detail=f"the installed model cannot be used: {e}") from None
+    except StudiesFolderError as e:
+        raise HTTPException(status_code=503, detail=str(e)) from None
+    except OSError as e:
+        raise storage_error(e) from None
 
 
 def with_http_errors(method):

@@ -7,18 +7,23 @@
 - ``pretrained``: the model served until a trained one exists (default
   ``<model_dir>/pretrained_classify_nodule.pt``, the shipped model);
 - ``device``: ``auto`` (GPU if present), ``cpu``, ``cuda``, ``cuda:N``;
-- ``precision``, ``compile``, ``threshold``: inference settings (default ``configs/inference.json``);
+- ``precision``, ``compile``, ``threshold``: inference settings (default ``configs/inference.json``;
+  ``threshold`` defaults to the operating point stored in the model file);
 - ``max_pixels``: largest frame accepted (width x height x frames).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, Dict, Optional
 
 from monailabel.interfaces.config import TaskConfig
 
+from thyroid_plugin.checkpoint import load_checkpoint, model_identity, network_from_checkpoint
 from thyroid_plugin.config import load_config
+from thyroid_plugin.errors import InvalidModelError
+from thyroid_plugin.io import atomic_copy_file, json_safe
 
 from ..activelearning import MostUncertain
 from ..infers import ClassifyNodule
@@ -55,7 +60,7 @@ class ClassifyNoduleConfig(TaskConfig):
                     "precision": i["precision"],
                     "channels_last": bool(i["channels_last"]),
                     "compile": bool(i["compile"]),
-                    "threshold": float(i["threshold"]),
+                    "threshold": None if i["threshold"] is None else float(i["threshold"]),
                     "mask_threshold": float(i["mask_threshold"]),
                     "network_def": self.network_def,
                 },
@@ -67,6 +72,33 @@ class ClassifyNoduleConfig(TaskConfig):
     def trainer(self) -> ClassifyNoduleTrainer:
         os.makedirs(self.model_dir, exist_ok=True)
         return ClassifyNoduleTrainer(self.model_dir, publish_path=self.trained_path, served_path=self.infer().get_path)
+
+    def install_model(self, src: str) -> Dict[str, Any]:
+        """Publish a model file as the served (trained) model: it must be a thyroid_plugin model
+        of the served network whose weights load; it is copied atomically, so inference sees the
+        old model or the new one, never a half-written file.
+
+        Raises:
+            InvalidModelError: not such a model.
+        """
+        payload = load_checkpoint(src)
+        network_from_checkpoint(payload)  # the weights fit the network they claim
+        want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.network_def.items()}
+        if dict(payload["network_def"]) != want:
+            raise InvalidModelError(f"it holds network {payload['network_def']}, the server serves {want}")
+        os.makedirs(self.model_dir, exist_ok=True)
+        atomic_copy_file(src, self.trained_path)
+        return {"model": model_identity(self.trained_path), "path": os.path.basename(self.trained_path),
+                "metrics": json_safe(dict(payload.get("metrics") or {})), "created": payload.get("created")}
+
+    def remove_model(self) -> Dict[str, Any]:
+        """Set the trained model aside (``<name>.pt.<time>.deleted``, as MONAI Label does); the
+        shipped pretrained model is served again."""
+        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+        aside = f"{self.trained_path}.{stamp}.deleted"
+        os.replace(self.trained_path, aside)
+        served = self.infer().get_path()
+        return {"removed": os.path.basename(aside), "model": model_identity(served) if served else None}
 
     def strategy(self) -> Dict[str, MostUncertain]:
         return {"uncertain": MostUncertain(self.infer())}

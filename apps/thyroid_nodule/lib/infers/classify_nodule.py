@@ -14,7 +14,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from thyroid_plugin.constants import CLASS_NAMES
 from thyroid_plugin.errors import InvalidImageError, ModelNotFoundError
 from thyroid_plugin.inference import NodulePredictor, Prediction
-from thyroid_plugin.io import DEFAULT_MAX_PIXELS, UltrasoundImage, load_image, mask_suffix, write_mask
+from thyroid_plugin.io import DEFAULT_MAX_PIXELS, UltrasoundImage, json_safe, load_image, mask_suffix, write_mask
 
 from ..http import http_errors
 
@@ -106,7 +106,9 @@ class ClassifyNodule(BasicInferTask):
             with http_errors():
                 p = self.predictor()
             model = p.info()
-            info["model"] = {k: model[k] for k in ("model", "metrics", "created", "image_size", "precision", "device")}
+            # a metric can be NaN (e.g. AUC on a one-class validation split): JSON has no NaN
+            keys = ("model", "metrics", "created", "image_size", "precision", "device")
+            info["model"] = json_safe({k: model[k] for k in keys})
             info["model"]["path"] = os.path.basename(p.model_path)
         except Exception as e:  # /info must answer even when the model is missing or damaged
             info["model"] = None

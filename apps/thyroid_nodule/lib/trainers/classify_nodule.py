@@ -27,7 +27,7 @@ from thyroid_plugin.config import load_config
 from thyroid_plugin.data import FixedGroupSplit, class_counts, datalist_from_datastore
 from thyroid_plugin.engine import TrainSettings, evaluate_network, fit
 from thyroid_plugin.errors import DatalistError
-from thyroid_plugin.io import atomic_write_bytes, atomic_write_json
+from thyroid_plugin.io import atomic_write_bytes, atomic_write_json, json_safe
 from thyroid_plugin.transforms import augmentation_transforms, preprocess_transforms
 
 logger = logging.getLogger(__name__)
@@ -100,11 +100,19 @@ class ClassifyNoduleTrainer(BasicTrainTask):
     def stats(self):
         stats = super().stats()
         if stats.get("status") == "running":
-            from monailabel.utils.async_tasks.utils import processes
+            from monailabel.utils.async_tasks.utils import processes, tasks
 
-            if not processes("train"):  # the run was stopped or killed without a word
-                stats["status"] = "stopped"
-        return stats
+            if not processes("train"):  # the run ended without writing its result: say why
+                last = (tasks("train") or [{}])[-1]
+                if last.get("status") == "STOPPED":
+                    stats["status"] = "stopped"
+                    stats["error"] = "stopped on request (DELETE /train/); the served model was kept"
+                else:
+                    stats["status"] = "failed"
+                    stats["error"] = ("the training process ended before finishing (killed, out of memory, crashed, or "
+                                      "the server stopped); the served model was kept. Its last lines: GET /train/ "
+                                      "and the server log")
+        return json_safe(stats)  # /info must stay JSON (a metric can be NaN)
 
     # ------------------------------------------------------------------------------- data
     def pre_process(self, request, datastore: Datastore):
@@ -235,34 +243,29 @@ def _write_stats(path: Path, stats: Dict[str, Any]) -> None:
     atomic_write_json(path, stats)
 
 
+def _read_stats(path: Path) -> Dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
 def _write_started(path: Path, run_id: str, epochs: int) -> None:
     """Say at once that a run started (a run stopped before its first epoch must not leave the
     previous run's "done" in place); the previous results stay until new ones replace them."""
-    import json
-
-    previous: Dict[str, Any] = {}
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except ValueError:
-            previous = {}
-    previous.pop("error", None)
-    previous.update({"status": "running", "run_id": run_id, "epoch": 0, "total_epochs": epochs, "start_ts": int(time.time())})
-    _write_stats(path, previous)
+    stats = _read_stats(path)
+    stats.pop("error", None)
+    stats.update({"status": "running", "run_id": run_id, "epoch": 0, "total_epochs": epochs, "start_ts": int(time.time())})
+    _write_stats(path, stats)
 
 
 def _write_failure(path: Path, error: BaseException, start: float) -> None:
     """Keep the last good stats and say why this run failed."""
-    import json
-
-    previous: Dict[str, Any] = {}
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except ValueError:
-            previous = {}
-    previous["status"] = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"
-    previous["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-    previous["failed_ts"] = int(time.time())
-    previous["run_time_s"] = round(time.time() - start, 1)
-    _write_stats(path, previous)
+    stats = _read_stats(path)
+    stats["status"] = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"
+    stats["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    stats["failed_ts"] = int(time.time())
+    stats["run_time_s"] = round(time.time() - start, 1)
+    _write_stats(path, stats)

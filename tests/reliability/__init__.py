@@ -1,0 +1,1 @@
+"""Reliability, fault, hostile-input, access-control and load tests of the server."""
