@@ -25,6 +25,7 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -259,7 +260,7 @@ def run_protocol(
             result_path = out_dir / "runs" / split.dataset / split.name / f"{variant}.json"
             if result_path.is_file():
                 continue
-            t0 = time.time()
+            t0, cpu0 = time.time(), time.process_time()
             torch.manual_seed(settings["seed"])
             network = build_variant(variant)
             loss = SaliencyGuidedLoss(VARIANTS[variant]["loss"], class_weights="balanced")
@@ -281,6 +282,7 @@ def run_protocol(
                 "sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
                 "best_epoch": stats.get("best_metric_epoch"), "val_metrics": stats.get("metrics"),
                 "test": evaluation["summary"], "records": evaluation["records"], "seconds": round(time.time() - t0, 1),
+                "cpu_seconds": round(time.process_time() - cpu0, 1),
             }
             atomic_write_json(result_path, result)
             keep = split.name in ("fold1", "logiq7_to_others")  # kept for the overlay figures
@@ -379,7 +381,8 @@ def summarize(out_dir: Path, datasets: Sequence[str] = ("ddti", "busbra", "busbr
             runs = [json.loads(p.read_text()) for p in sorted((out_dir / "runs" / dataset).glob(f"*/{variant}.json"))]
             if not runs:
                 continue
-            entry = {"splits": {r["split"]: r["test"] for r in runs}, "seconds": sum(r["seconds"] for r in runs)}
+            entry = {"splits": {r["split"]: r["test"] for r in runs}, "seconds": sum(r["seconds"] for r in runs),
+                     "cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in runs)}
             for key in SUMMARY_KEYS:
                 entry[key] = _mean_sd([r["test"].get(key) for r in runs])
             per_variant[variant] = entry
@@ -402,6 +405,12 @@ def summarize(out_dir: Path, datasets: Sequence[str] = ("ddti", "busbra", "busbr
                 cells.append("n/a" if math.isnan(m) else f"{m:.3f} +- {s:.3f}")
             lines.append(f"| {VARIANTS[variant]['label']} | " + " | ".join(cells) + " |")
         lines.append("")
+    wall = sum(e["seconds"] for per in results["datasets"].values() for e in per.values())
+    cpu = sum(e["cpu_seconds"] for per in results["datasets"].values() for e in per.values())
+    results["time"] = {"wall_seconds": wall, "cpu_seconds": cpu, "cores": os.cpu_count(),
+                       "note": "cpu_seconds / cores is the wall time on an otherwise idle machine"}
+    lines.append(f"Time: {wall / 3600:.2f} h wall, {cpu / 3600:.2f} h CPU on {os.cpu_count()} cores "
+                 f"(the protocol's processes only; {cpu / max(1, os.cpu_count()) / 3600:.2f} h on an idle machine).")
     atomic_write_json(out_dir / "results.json", results)
     (out_dir / "tables.md").write_text("\n".join(lines))
     return results

@@ -1,0 +1,67 @@
+"""The operating point: chosen on validation data (Youden's J), stored with the model, used by
+inference, and settable with ``thyroid-nodule calibrate``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from thyroid_plugin.checkpoint import load_checkpoint, set_threshold
+from thyroid_plugin.inference import NodulePredictor
+from thyroid_plugin.metrics import binary_metrics, youden_threshold
+from tests.support.paths import REPO, ddti_subset, write_csv
+
+
+def test_youden_threshold_maximises_sensitivity_plus_specificity():
+    p = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.3]
+    y = [1, 1, 1, 0, 1, 0, 0]
+    t = youden_threshold(p, y)
+    # by hand: t = 0.85 gives sens 3/4, spec 3/3 (J = 0.75); t = 0.7 gives 4/4 and 2/3 (J = 0.667)
+    assert t == 0.85
+    best = max(binary_metrics(p, y, c)["sensitivity"] + binary_metrics(p, y, c)["specificity"] for c in p)
+    m = binary_metrics(p, y, t)
+    assert m["sensitivity"] + m["specificity"] == pytest.approx(best)
+
+
+def test_youden_threshold_without_both_classes_is_the_default():
+    assert youden_threshold([0.2, 0.9], [1, 1]) == 0.5
+    assert youden_threshold([0.2, 0.9], [0, 0], default=0.4) == 0.4
+
+
+def test_the_stored_operating_point_decides_the_label(tmp_path, small_model):
+    model = tmp_path / "m.pt"
+    shutil.copyfile(small_model, model)
+    frame = ddti_subset(1, 0)[0]["file"]
+    p = NodulePredictor(model).predict(frame).probabilities["malignant"]
+    for threshold, label in ((max(1e-4, p - 1e-3), "malignant"), (min(0.9999, p + 1e-3), "benign")):
+        set_threshold(model, threshold)
+        assert load_checkpoint(model)["threshold"] == pytest.approx(threshold)
+        predictor = NodulePredictor(model)
+        assert predictor.threshold == pytest.approx(threshold)
+        result = predictor.predict(frame)
+        assert result.label == label and result.threshold == pytest.approx(threshold)
+    # an explicit setting wins over the model's
+    assert NodulePredictor(model, threshold=0.0001).predict(frame).label == "malignant"
+    with pytest.raises(ValueError):
+        set_threshold(model, 1.5)
+
+
+def test_calibrate_command_sets_the_validation_operating_point(tmp_path, small_model):
+    model = tmp_path / "m.pt"
+    shutil.copyfile(small_model, model)
+    rows = ddti_subset(3, 3, offset=40)
+    csv_path = write_csv(rows, tmp_path / "val.csv")
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "thyroid-nodule"), "calibrate", "--csv", str(csv_path), "--model", str(model)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    predictor = NodulePredictor(model)
+    probs = [predictor.predict(r["file"]).probabilities["malignant"] for r in rows]
+    labels = [int(r["label"] == "malignant") for r in rows]
+    assert report["threshold"] == pytest.approx(youden_threshold(probs, labels), abs=1e-5)
+    assert load_checkpoint(model)["threshold"] == pytest.approx(report["threshold"], abs=1e-5)
+    assert np.isclose(predictor.threshold, report["threshold"], atol=1e-5)
