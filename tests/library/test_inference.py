@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from thyroid_plugin.checkpoint import model_identity
+from thyroid_plugin.checkpoint import load_checkpoint, model_identity
 from thyroid_plugin.errors import InvalidModelError, InvalidROIError, ModelNotFoundError
 from thyroid_plugin.inference import NodulePredictor
 from thyroid_plugin.io import load_image
@@ -34,7 +34,8 @@ def test_prediction_on_real_frames(predictor, frames, small_model):
         assert set(pred.probabilities) == {"benign", "malignant"}
         assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
         assert all(0.0 <= p <= 1.0 for p in pred.probabilities.values())
-        assert pred.label == ("malignant" if pred.probabilities["malignant"] >= 0.5 else "benign")
+        assert pred.label == ("malignant" if pred.probabilities["malignant"] >= predictor.threshold else "benign")
+        assert pred.threshold == predictor.threshold == load_checkpoint(small_model)["threshold"]
         assert pred.saliency.shape == image.shape  # the frame's own grid, not the network's 64x64
         assert pred.saliency.dtype == np.float32
         assert 0.0 <= pred.saliency.min() and pred.saliency.max() <= 1.0

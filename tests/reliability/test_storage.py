@@ -1,8 +1,9 @@
-"""Fast tests (no server) of what keeps the studies folder whole: atomic writes whose temporary
-files no image pattern matches, leftovers of a crash removed before MONAI Label's start-up
-reconciliation could adopt them, a write that fails (disk full) changing nothing, uploads checked
-and stored by content, a kill in the middle of a label save, and storage errors mapped to
-clear HTTP answers."""
+"""Tests without a server (fast, except the kill test) of what keeps the studies folder whole:
+atomic writes whose temporary files no image pattern matches, leftovers of a crash removed before
+MONAI Label's start-up reconciliation could adopt them, a write that fails (disk full) changing
+nothing, uploads checked and stored by content, a kill in the middle of a label save, the backup
+lock, the nasty corpus refused before decoding, and the HTTP layer's checks (storage errors,
+upload names, ``params``)."""
 
 from __future__ import annotations
 
@@ -182,6 +183,7 @@ def test_a_write_that_fails_changes_nothing_not_even_in_memory(tmp_path, frames)
     check_studies_consistent(studies)
 
 
+@pytest.mark.slow
 def test_kill_during_a_label_save_leaves_the_old_or_the_new_label(tmp_path, frames):
     """SIGKILL a process while it writes a label (caught while its ``.partial`` file exists):
     the reopened datastore holds a complete label, never a torn one, and nothing left over."""
