@@ -32,6 +32,21 @@ def median_ms(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> fl
     return statistics.median(times) * 1e3
 
 
+def interleaved_ms(fns: dict, repeat: int = 20, warmup: int = 2) -> dict:
+    """Median wall time (ms) of each ``name -> fn`` measured in alternation (one call of each per
+    round), so that the machine's drifting speed (shared, throttled CPUs) affects all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
+
+
 def matmul_gflops(size: int = 2048, repeat: int = 10) -> float:
     """Measured fp32 dense matrix multiply rate (GFLOP/s) on the current device (CPU here)."""
     a = torch.randn(size, size)

@@ -631,6 +631,13 @@ def write_mask(image: UltrasoundImage, mask: np.ndarray, path: PathLike) -> str:
     Returns:
         the path written (atomically).
     """
+    atomic_write_bytes(path, encode_mask(image, mask))
+    return os.fspath(path)
+
+
+def encode_mask(image: UltrasoundImage, mask: np.ndarray) -> bytes:
+    """The bytes of the file :func:`write_mask` writes (for answers that never touch the disk
+    durably, e.g. a mask streamed back in an HTTP response)."""
     mask = np.asarray(mask)
     if mask.shape != image.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the image's {image.shape}")
@@ -644,15 +651,16 @@ def write_mask(image: UltrasoundImage, mask: np.ndarray, path: PathLike) -> str:
         data = _encode_nifti(image, mask)
     else:
         data = _encode_dicom(image, mask)
-    atomic_write_bytes(path, data)
-    return os.fspath(path)
+    return data
 
 
 def _encode_raster(mask: np.ndarray, pil_format: str) -> bytes:
     from PIL import Image
 
     buf = _io.BytesIO()
-    Image.fromarray(mask, mode="L").save(buf, format=pil_format)
+    # a mask is mostly flat: the fastest PNG compression is within a few hundred bytes of the best
+    options = {"compress_level": 1} if pil_format == "PNG" else {}
+    Image.fromarray(mask, mode="L").save(buf, format=pil_format, **options)
     return buf.getvalue()
 
 

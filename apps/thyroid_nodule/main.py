@@ -81,6 +81,15 @@ class ThyroidNoduleApp(MONAILabelApp):
     def init_batch_infer(self):
         return PersistingBatchInfer(self.task_config.infer(), int(self.task_config.inference["max_pixels"]))
 
+    def on_init_complete(self):
+        super().on_init_complete()
+        # load the served model now (not at the first request) so that its background
+        # compilation, when configured, starts with the server
+        try:
+            self.task_config.infer().predictor()
+        except Exception as e:  # a missing or damaged model is reported per request (503/500)
+            logger.warning("model not loaded at start-up: %s", getattr(e, "detail", e))
+
     def info(self):
         info = super().info()
         info["classes"] = list(CLASS_NAMES)

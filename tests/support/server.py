@@ -27,7 +27,9 @@ class MonaiLabelServer:
     Args:
         studies: the studies folder.
         model_dir: the app's model folder (``--conf model_dir``).
-        conf: further ``--conf`` key/values.
+        conf: further ``--conf`` key/values. ``compile`` defaults to ``off`` here: every test
+            server would otherwise spend a minute of both CPU cores compiling in the background
+            (the shipped setting, ``background``, has its own test in ``tests/app/test_compile.py``).
         env: extra environment variables (e.g. MONAI Label auth settings).
         preexec_fn: run in the server process before it starts (e.g. resource limits).
     """
@@ -36,7 +38,7 @@ class MonaiLabelServer:
                  log_path: Optional[Path] = None, preexec_fn: Optional[Callable[[], None]] = None) -> None:
         self.studies = Path(studies)
         self.model_dir = Path(model_dir)
-        self.conf = dict(conf or {})
+        self.conf = {"compile": "off", **dict(conf or {})}
         self.env = dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -8,7 +8,8 @@
   ``<model_dir>/pretrained_classify_nodule.pt``, the shipped model);
 - ``device``: ``auto`` (GPU if present), ``cpu``, ``cuda``, ``cuda:N``;
 - ``precision``, ``compile``, ``threshold``: inference settings (default ``configs/inference.json``;
-  ``threshold`` defaults to the operating point stored in the model file);
+  ``compile`` is ``off``, ``on`` or ``background``; ``threshold`` defaults to the operating point
+  stored in the model file);
 - ``max_pixels``: largest frame accepted (width x height x frames).
 """
 
@@ -23,15 +24,12 @@ from monailabel.interfaces.config import TaskConfig
 from thyroid_plugin.checkpoint import load_checkpoint, model_identity, network_from_checkpoint
 from thyroid_plugin.config import load_config
 from thyroid_plugin.errors import InvalidModelError
+from thyroid_plugin.inference import compile_mode
 from thyroid_plugin.io import atomic_copy_file, json_safe
 
 from ..activelearning import MostUncertain
 from ..infers import ClassifyNodule
 from ..trainers import ClassifyNoduleTrainer
-
-
-def _bool(value: Any) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 class ClassifyNoduleConfig(TaskConfig):
@@ -43,7 +41,7 @@ class ClassifyNoduleConfig(TaskConfig):
         self.path = [self.pretrained_path, self.trained_path]
         cfg = load_config("inference")
         inference = dict(cfg["inference"])
-        for key, cast in (("precision", str), ("compile", _bool), ("threshold", float), ("max_pixels", int)):
+        for key, cast in (("precision", str), ("compile", compile_mode), ("threshold", float), ("max_pixels", int)):
             if key in conf:
                 inference[key] = cast(conf[key])
         self.inference = inference
@@ -59,7 +57,7 @@ class ClassifyNoduleConfig(TaskConfig):
                 predictor_args={
                     "precision": i["precision"],
                     "channels_last": bool(i["channels_last"]),
-                    "compile": bool(i["compile"]),
+                    "compile": compile_mode(i["compile"]),
                     "threshold": None if i["threshold"] is None else float(i["threshold"]),
                     "mask_threshold": float(i["mask_threshold"]),
                     "network_def": self.network_def,

@@ -14,7 +14,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from thyroid_plugin.constants import CLASS_NAMES
 from thyroid_plugin.errors import InvalidImageError, ModelNotFoundError
 from thyroid_plugin.inference import NodulePredictor, Prediction
-from thyroid_plugin.io import DEFAULT_MAX_PIXELS, UltrasoundImage, json_safe, load_image, mask_suffix, write_mask
+from thyroid_plugin.io import DEFAULT_MAX_PIXELS, UltrasoundImage, encode_mask, json_safe, load_image, mask_suffix
 
 from ..http import http_errors
 
@@ -107,7 +107,7 @@ class ClassifyNodule(BasicInferTask):
                 p = self.predictor()
             model = p.info()
             # a metric can be NaN (e.g. AUC on a one-class validation split): JSON has no NaN
-            keys = ("model", "metrics", "created", "image_size", "precision", "device")
+            keys = ("model", "metrics", "created", "image_size", "precision", "device", "compiled")
             info["model"] = json_safe({k: model[k] for k in keys})
             info["model"]["path"] = os.path.basename(p.model_path)
         except Exception as e:  # /info must answer even when the model is missing or damaged
@@ -134,9 +134,14 @@ class ClassifyNodule(BasicInferTask):
     def writer(self, data: Dict[str, Any], extension=None, dtype=None):
         image: UltrasoundImage = data["image_source"]
         pred: Prediction = data["pred"]
+        # a transient file that MONAI Label streams back and deletes: no fsync, no rename
         fd, path = tempfile.mkstemp(suffix=mask_suffix(image), prefix="saliency-")
-        os.close(fd)
-        write_mask(image, pred.saliency_uint8(), path)
+        try:
+            with os.fdopen(fd, "wb") as fp:
+                fp.write(encode_mask(image, pred.saliency_uint8()))
+        except BaseException:
+            os.unlink(path)
+            raise
         return path, result_json(pred, image)
 
     # ---------------------------------------------------------------------------- batch path
@@ -156,4 +161,5 @@ def result_json(pred: Prediction, image: UltrasoundImage) -> Dict[str, Any]:
         "format": image.format,
         "mask_format": mask_suffix(image).lstrip("."),
     }
+    out["timings"] = {k: round(float(v), 4) for k, v in pred.timings.items()}
     return out
