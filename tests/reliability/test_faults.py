@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import signal
 import subprocess
 import textwrap
@@ -23,6 +22,7 @@ from PIL import Image
 
 from thyroid_plugin.checkpoint import model_identity
 from thyroid_plugin.io import is_partial_file
+from tests.support.limits import file_size_limit
 from tests.support.paths import PYTHON, REPO
 from tests.support.server import MonaiLabelServer, free_port
 
@@ -257,20 +257,12 @@ def test_a_training_run_that_crashes_or_is_stopped_changes_nothing_and_says_why(
 
 
 # ------------------------------------------------------------------------------ full disk
-def _file_size_limit(max_bytes: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-
-    return apply
-
-
 def test_a_full_disk_is_a_507_and_corrupts_nothing(tmp_path, small_model):
     """The server runs with a 2 MB file size limit (RLIMIT_FSIZE): every write past it fails
     with EFBIG, as writes fail on a full disk."""
     studies = make_studies(tmp_path, [], rows(2, 2, offset=27))  # unconfirmed cases
     server = MonaiLabelServer(studies, make_model_dir(tmp_path, small_model), log_path=tmp_path / "server.log",
-                              preexec_fn=_file_size_limit(2_000_000))
+                              preexec_fn=file_size_limit(2_000_000))
     server.start()
     try:
         url = server.url

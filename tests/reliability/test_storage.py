@@ -11,11 +11,9 @@ import errno
 import fnmatch
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -25,8 +23,9 @@ import pytest
 from PIL import Image
 
 from thyroid_plugin.errors import ImageTooLargeError, InvalidImageError
-from thyroid_plugin.io import atomic_copy_file, atomic_write_bytes, is_partial_file, load_image
+from thyroid_plugin.io import atomic_copy_file, is_partial_file, load_image
 from thyroid_plugin.studies import ConfirmedCasesDatastore, InvalidRequestError, StudiesFolderError
+from tests.support.limits import file_size_limit
 from tests.support.nasty import EXPECTED, nasty_files
 from tests.support.paths import PYTHON, REPO
 
@@ -44,14 +43,6 @@ def store(tmp_path, frames) -> ConfirmedCasesDatastore:
     for r in frames:
         ds.add_image(Path(r["file"]).stem, r["file"], {"case": r["case"]})
     return ds
-
-
-def _limited(max_bytes: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-
-    return apply
 
 
 # ------------------------------------------------------------------------------ atomic files
@@ -79,7 +70,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
             print("errno", e.errno)
     """)
     out = subprocess.run([str(PYTHON), "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         preexec_fn=_limited(100_000))
+                         preexec_fn=file_size_limit(100_000))
     assert out.stdout.strip() == f"errno {errno.EFBIG}", out.stderr
     assert target.read_bytes() == b"old content"
     assert sorted(os.listdir(tmp_path)) == ["model.pt"]
