@@ -121,6 +121,28 @@ def test_reload_if_changed_picks_up_a_replaced_model(small_model, other_small_mo
     assert p.predict(frames[0]).probabilities == pytest.approx(second.probabilities)
 
 
+def test_compiled_network_of_a_replaced_model_serves_the_new_weights(small_model, other_small_model, frames, tmp_path):
+    """The compiled network holds its weights as constants (freezing), so a published model must
+    get a compilation of its own: after a reload, batch-1 answers are the new model's, never the
+    frozen weights of the previous one."""
+    served = tmp_path / "model.pt"
+    shutil.copyfile(small_model, served)
+    p = NodulePredictor(served, device="cpu", precision="fp32", compile="on")
+    assert p.info()["compiled"] == "ready"
+    tmp = tmp_path / ".incoming.pt"
+    shutil.copyfile(other_small_model, tmp)
+    os.replace(tmp, served)
+    assert p.reload_if_changed() is True
+    assert p.info()["compiled"] == "ready"
+    expected = NodulePredictor(other_small_model, device="cpu", precision="fp32")
+    previous = NodulePredictor(small_model, device="cpu", precision="fp32")
+    for path in frames[:3]:
+        got, want = p.predict(path), expected.predict(path)
+        assert got.probabilities["malignant"] == pytest.approx(want.probabilities["malignant"], abs=1e-4)
+        assert float(np.abs(got.saliency - want.saliency).mean()) < 1e-3
+    assert float(np.abs(p.predict(frames[0]).saliency - previous.predict(frames[0]).saliency).mean()) > 1e-3
+
+
 def test_model_errors(tmp_path, small_model):
     with pytest.raises(ModelNotFoundError):
         NodulePredictor(tmp_path / "absent.pt", device="cpu")
@@ -185,6 +207,20 @@ def test_compiled_network_serves_batch_one_and_matches_eager(small_model, frames
     for path, p in zip(frames, batch):
         assert p.probabilities["malignant"] == pytest.approx(eager.predict(path).probabilities["malignant"], abs=1e-4)
     assert sum(counters["frames"].values()) == compiled_frames, "a request recompiled the network"
+
+    # inductor froze the weights into the compiled code (batch norms folded into the
+    # convolutions, weights prepacked: the fast path), so it no longer reads the module's
+    # parameters; without freezing it would follow this in-place change exactly
+    import torch
+
+    network = compiled._state["network"]
+    x = torch.rand(1, 3, size, size)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.mul_(0.5)
+    with torch.inference_mode():
+        changed = network(x).logits
+    assert not torch.allclose(compiled.forward(x).logits, changed, atol=1e-3), "the compiled network is not frozen"
 
 
 def test_background_compilation_serves_eagerly_until_ready_and_survives_failure(small_model, frames, monkeypatch):
