@@ -34,8 +34,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import DEFAULT_MODEL, ddti_images, print_table, write_json  # noqa: E402
-from tests.app.test_app_server import parse_multipart  # noqa: E402
-from tests.support.server import MonaiLabelServer  # noqa: E402
+from tests.support.server import MonaiLabelServer, parse_multipart  # noqa: E402
 from thyroid_plugin.config import load_config  # noqa: E402
 from thyroid_plugin.inference import NodulePredictor  # noqa: E402
 from thyroid_plugin.io import load_image  # noqa: E402

@@ -3,8 +3,6 @@ MONAI Label's own client and with raw requests, on real thyroid ultrasound image
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import hashlib
 import io
 import json
@@ -22,7 +20,7 @@ from monailabel.client import MONAILabelClient
 from thyroid_plugin.studies import import_collection
 from tests.support.images import write_png_bomb, write_slicer_file, write_truncated, write_volume_nrrd
 from tests.support.paths import ddti_subset
-from tests.support.server import MonaiLabelServer
+from tests.support.server import MonaiLabelServer, parse_multipart
 
 pytestmark = pytest.mark.slow
 
@@ -31,20 +29,6 @@ TIMEOUT = 120
 
 def sha_id(path: Path) -> str:
     return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def parse_multipart(response: requests.Response) -> tuple[dict, bytes]:
-    """(params JSON, image bytes) of an ``output=all`` answer."""
-    raw = b"Content-Type: " + response.headers["content-type"].encode() + b"\r\n\r\n" + response.content
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw)
-    params, image = None, None
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if name == "params":
-            params = json.loads(part.get_content())
-        elif name == "image":
-            image = part.get_payload(decode=True)
-    return params, image
 
 
 @pytest.fixture(scope="module")

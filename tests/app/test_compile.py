@@ -16,9 +16,8 @@ from PIL import Image
 
 from thyroid_plugin.config import load_config
 from thyroid_plugin.inference import NodulePredictor
-from tests.app.test_app_server import parse_multipart
 from tests.support.paths import ddti_subset
-from tests.support.server import MonaiLabelServer
+from tests.support.server import MonaiLabelServer, parse_multipart
 
 pytestmark = pytest.mark.slow
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
+import json
 import os
 import signal
 import socket
@@ -107,3 +110,17 @@ class MonaiLabelServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def parse_multipart(response: requests.Response) -> tuple[dict, bytes]:
+    """(params JSON, image bytes) of an ``output=all`` answer."""
+    raw = b"Content-Type: " + response.headers["content-type"].encode() + b"\r\n\r\n" + response.content
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw)
+    params, image = None, None
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name == "params":
+            params = json.loads(part.get_content())
+        elif name == "image":
+            image = part.get_payload(decode=True)
+    return params, image
