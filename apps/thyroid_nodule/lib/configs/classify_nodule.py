@@ -57,7 +57,7 @@ class ClassifyNoduleConfig(TaskConfig):
                 predictor_args={
                     "precision": i["precision"],
                     "channels_last": bool(i["channels_last"]),
-                    "compile": compile_mode(i["compile"]),
+                    "compile": i["compile"],
                     "threshold": None if i["threshold"] is None else float(i["threshold"]),
                     "mask_threshold": float(i["mask_threshold"]),
                     "network_def": self.network_def,
