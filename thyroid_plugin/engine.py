@@ -17,7 +17,6 @@ Files written in ``output_dir`` (each atomically):
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
@@ -44,6 +43,8 @@ from .constants import CLASS_NAMES, POSITIVE_CLASS
 from .data import class_counts, grouped_split, load_datalist
 from .io import atomic_write_bytes, atomic_write_json, json_safe
 from .metrics import METRIC_NAMES, binary_metrics, youden_threshold
+from .runtime import amp_dtype, default_device
+from .runtime import autocast as _autocast
 from .transforms import augmentation_transforms, preprocess_transforms
 
 __all__ = [
@@ -90,35 +91,6 @@ class TrainSettings:
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}")
         return cls(**merged)
-
-
-def default_device() -> torch.device:
-    """The first GPU when there is one, else the CPU."""
-    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-
-
-def amp_dtype(device: torch.device, amp: str = "auto") -> Optional[torch.dtype]:
-    """The autocast dtype for ``device``: bf16 on CPUs with native bf16 and on GPUs that support
-    it, fp16 on other GPUs, ``None`` (fp32) otherwise or when ``amp`` is ``"off"``."""
-    amp = str(amp).lower()
-    if amp in ("off", "false", "none", "fp32"):
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if (amp == "bf16" or torch.cuda.is_bf16_supported()) else torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    try:
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class ClassificationMetrics(Metric):

@@ -16,7 +16,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from monai.transforms import Compose
 
 from .checkpoint import load_checkpoint, model_identity, network_from_checkpoint
+from .compiled import CompiledNetworks, freeze_for_serving
 from .constants import CLASS_NAMES, POSITIVE_CLASS
-from .engine import amp_dtype, default_device
 from .errors import InvalidModelError
 from .io import UltrasoundImage, atomic_write_bytes, load_image, mask_suffix, write_mask
+from .runtime import amp_dtype, autocast, default_device
 from .transforms import normalize_roi, preprocess_transforms
 
-__all__ = ["NodulePredictor", "Prediction"]
+__all__ = ["LoadedModel", "NodulePredictor", "Prediction", "saliency_on_frame"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,23 +84,44 @@ class Prediction:
         }
 
 
+@dataclass
+class LoadedModel:
+    """A model file loaded for serving: the network and what the file says about it.
+
+    ``network`` is in evaluation mode with no parameter requiring grad; ``compiled`` holds its
+    compiled copies (see :class:`thyroid_plugin.compiled.CompiledNetworks`)."""
+
+    network: torch.nn.Module
+    compiled: CompiledNetworks
+    dtype: Optional[torch.dtype]
+    image_size: int
+    identity: str
+    threshold: float
+    network_def: dict
+    transforms: Compose
+    metrics: dict = field(default_factory=dict)
+    created: Optional[str] = None
+    train: dict = field(default_factory=dict)
+
+
 class NodulePredictor:
     """Loads a model file and classifies frames; follows the file when it is replaced.
 
     Args:
         model_path: a model file written by :func:`thyroid_plugin.checkpoint.save_checkpoint`.
         device: default: the first GPU if any, else the CPU.
-        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (the training rule of
-            :func:`thyroid_plugin.engine.amp_dtype`).
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (the rule of
+            :func:`thyroid_plugin.runtime.amp_dtype`).
         channels_last: run convolutions in NHWC layout (faster on CPUs and tensor cores).
-        compile: ``torch.compile`` the network for single-frame requests (batch 1 at the model's
-            input size) with inductor freezing (weights folded as constants, prepacked for the
-            CPU's kernels): ``False``/``"off"`` (eager only), ``True``/``"on"`` (compiled before the
-            constructor returns: about a minute on 2 CPU cores, less with inductor's disk cache
-            warm) or ``"background"`` (eager answers at once; a thread compiles and warms the
-            network, then batch-1 requests switch to it). Other batch shapes always run eagerly, so
-            a request never waits for a compilation. If compilation fails (no C++ compiler, an
+        compile: ``torch.compile`` the network (inductor, frozen weights) for the batch sizes
+            ``compile_batch_sizes``: ``False``/``"off"`` (eager only), ``True``/``"on"`` (compiled
+            before the constructor returns: about a minute of 2 CPU cores per batch size, less
+            with inductor's disk cache warm) or ``"background"`` (eager answers at once; a thread
+            compiles, and each batch size switches to its compiled network when it is warmed).
+            No request waits for a compilation. If compilation fails (no C++ compiler, an
             unsupported operator), the eager network keeps serving and :meth:`info` says why.
+        compile_batch_sizes: batch sizes compiled, in this order; a batch of another size runs
+            as chunks of the compiled sizes (largest first) and eagerly for what none covers.
         network_def: when given, the model file must have been trained with exactly this network
             configuration (the served config), else :class:`InvalidModelError`.
         threshold: malignant probability at or above which the label is malignant; ``None``
@@ -113,7 +135,8 @@ class NodulePredictor:
     owns, one request after the other. On a CPU every thread that runs PyTorch operators gets
     its own OpenMP team, and an idle team's spinning threads compete with the busy one for the
     cores (with ``OMP_WAIT_POLICY=ACTIVE`` a forward pass from a second thread took twice as
-    long here); one model thread keeps one team. A new model file at
+    long here); one model thread keeps one team. A compilation works on a copy of the network
+    in its own thread (why that is safe: :mod:`thyroid_plugin.compiled`). A new model file at
     ``model_path`` (written atomically by training) is picked up by :meth:`reload_if_changed`,
     which loads it completely before swapping, so a request never sees a half-loaded model.
     """
@@ -125,6 +148,7 @@ class NodulePredictor:
         precision: str = "fp32",
         channels_last: bool = True,
         compile: Union[bool, str] = False,
+        compile_batch_sizes: Sequence[int] = (1,),
         network_def: Optional[Mapping[str, Any]] = None,
         threshold: Optional[float] = None,
         mask_threshold: float = 0.5,
@@ -135,13 +159,16 @@ class NodulePredictor:
         self.precision = precision
         self.channels_last = channels_last
         self.compile = compile_mode(compile)
+        self.compile_batch_sizes = tuple(int(b) for b in compile_batch_sizes)
+        if any(b < 1 for b in self.compile_batch_sizes):
+            raise ValueError(f"compile_batch_sizes must be positive, got {compile_batch_sizes!r}")
         self.expected_network_def = dict(network_def) if network_def else None
         self.threshold_override = None if threshold is None else float(threshold)
         self.mask_threshold = float(mask_threshold)
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self._lock = threading.Lock()
-        self._state: Optional[dict] = None
+        self._model: Optional[LoadedModel] = None
         self._stat: Optional[tuple] = None
         tune_allocator()
         # the worker must not hold a reference to the predictor (or it would never be freed)
@@ -159,7 +186,10 @@ class NodulePredictor:
         return self._worker.submit(fn, *args).result()
 
     def close(self) -> None:
-        """Stop the model thread (after the work it has); the predictor cannot be used after."""
+        """Stop the model thread (after the work it has) and any compilation; the predictor
+        cannot be used after."""
+        if self._model is not None:
+            self._model.compiled.cancel()
         self._worker.shutdown(wait=False)
 
     # ------------------------------------------------------------------------------- model file
@@ -170,98 +200,69 @@ class NodulePredictor:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
+    def _check_network_def(self, network_def: Mapping[str, Any]) -> None:
+        if self.expected_network_def is None:
+            return
+        got = dict(network_def)
+        want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.expected_network_def.items()}
+        if got != want:
+            raise InvalidModelError(
+                f"{os.path.basename(self.model_path)} was trained with network {got}, the served configuration is {want}"
+            )
+
     def _load(self) -> None:
         stat = self._file_stat()
         payload = load_checkpoint(self.model_path)
-        if self.expected_network_def is not None:
-            got = {k: v for k, v in payload["network_def"].items()}
-            want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.expected_network_def.items()}
-            if got != want:
-                raise InvalidModelError(
-                    f"{os.path.basename(self.model_path)} was trained with network {got}, the served configuration is {want}"
-                )
+        self._check_network_def(payload["network_def"])
         network = network_from_checkpoint(payload).to(self.device)
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
+        freeze_for_serving(network)
         dtype = self._dtype()
-        network.eval()
-        state = {
-            "network": network,
-            "compiled": {},  # input shape -> compiled network, filled once warmed up
-            "compile_status": "off" if self.compile == "off" else "compiling",
-            "dtype": dtype,
-            "image_size": int(payload["image_size"]),
-            "model": model_identity(self.model_path),
-            "metrics": dict(payload.get("metrics", {})),
-            "created": payload.get("created"),
-            "train": dict(payload.get("train", {})),
-            "network_def": dict(payload["network_def"]),
-            "threshold": float(payload.get("threshold", 0.5)),
-            "transforms": Compose(preprocess_transforms(int(payload["image_size"]))),
-        }
+        size = int(payload["image_size"])
+        sizes = () if self.compile == "off" else self.compile_batch_sizes
+        model = LoadedModel(
+            network=network,
+            compiled=CompiledNetworks(network, self.device, dtype, size, sizes, self.channels_last),
+            dtype=dtype, image_size=size, identity=model_identity(self.model_path),
+            threshold=float(payload.get("threshold", 0.5)), network_def=dict(payload["network_def"]),
+            transforms=Compose(preprocess_transforms(size)), metrics=dict(payload.get("metrics", {})),
+            created=payload.get("created"), train=dict(payload.get("train", {})),
+        )
         if self.compile == "on":
-            self._compile(state)
-        self._state = state  # one reference swap: readers see the old or the new model
+            model.compiled.compile_all()
+        previous, self._model = self._model, model  # one reference swap: readers see the old or the new model
         self._stat = stat
-        logger.info("loaded model %s (%s)", self.model_path, state["model"])
+        if previous is not None:
+            previous.compiled.cancel()  # a superseded model is not compiled further
+        logger.info("loaded model %s (%s)", self.model_path, model.identity)
         if self.compile == "background":
-            threading.Thread(target=self._compile, args=(state,), name="compile-model", daemon=True).start()
-
-    def _compile(self, state: dict) -> None:
-        """Compile ``state``'s network for batch-1 inputs and warm it up; on success batch-1
-        forwards use it. Runs once per loaded model (in a thread for ``"background"``)."""
-        size = state["image_size"]
-        shape = (1, 3, size, size)
-        t0 = time.perf_counter()
-        try:
-            import torch._inductor.config as inductor_config
-
-            compiled = torch.compile(state["network"], dynamic=False)
-            # the input is built as requests build theirs (a normal tensor, made outside
-            # inference mode, same layout), so the compiled guards match real requests
-            x = torch.zeros(shape, device=self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            # freezing (weights as constants: batch norms folded into the convolutions, weights
-            # prepacked for oneDNN, conv+activation fused; measured 14% faster) is set while the
-            # first call traces: dynamo reads the process-wide setting to treat the parameters as
-            # constants (guarded by identity, so a reloaded model gets its own compilation), and
-            # ``torch.compile(options={"freezing": True})`` alone is silently ignored (torch 2.14).
-            # Only no-grad compilations freeze; training compiles (off by default) with gradients.
-            with inductor_config.patch(freezing=True):
-                self._run(compiled, state["dtype"], x)
-            self._run(compiled, state["dtype"], x.clone())  # a second input: no recompilation
-        except Exception as e:  # the eager network keeps serving
-            state["compile_status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            logger.warning("torch.compile of %s failed, serving eagerly: %s", self.model_path, e)
-            return
-        state["compiled"] = {shape: compiled}
-        state["compile_status"] = "ready"
-        state["compile_seconds"] = round(time.perf_counter() - t0, 1)
-        logger.info("compiled model %s for %s in %.1f s", state["model"], shape, state["compile_seconds"])
+            model.compiled.start()
 
     def _run(self, runner, dtype: Optional[torch.dtype], x: torch.Tensor):
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), autocast(self.device, dtype):
             return runner(x)
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None):
-        """The served forward pass of a preprocessed batch ``(N, 3, S, S)``: the compiled network
-        for the shapes it was compiled for, the eager one otherwise; precision as configured."""
-        return self._on_worker(self._forward, x, state or self._state)
+    def forward(self, x: torch.Tensor, model: Optional[LoadedModel] = None):
+        """The served forward pass of a preprocessed batch ``(N, 3, S, S)``: compiled networks
+        for the batch sizes that are ready, the eager one for the rest; precision as configured."""
+        return self._on_worker(self._forward, x, model or self._model)
 
-    def _forward(self, x: torch.Tensor, state: dict):
+    def _forward(self, x: torch.Tensor, model: LoadedModel):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        runner = state["compiled"].get(tuple(x.shape), state["network"])
-        return self._run(runner, state["dtype"], x)
+        pieces = []
+        for start, stop, runner in _batch_plan(x.shape[0], model.compiled):
+            network = model.network if runner is None else runner
+            pieces.append(self._run(network, model.dtype, x if (start, stop) == (0, x.shape[0]) else x[start:stop]))
+        if len(pieces) == 1:
+            return pieces[0]
+        return type(pieces[0])(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*pieces)))
 
-    def wait_compiled(self, timeout: float = 600.0) -> str:
-        """Block until the background compilation of the loaded model ends (or ``timeout``
-        seconds pass); returns the compile status (``ready``, ``off``, ``failed: ...``, ``compiling``)."""
-        end = time.monotonic() + timeout
-        while self._state["compile_status"] == "compiling" and time.monotonic() < end:
-            time.sleep(0.1)
-        return self._state["compile_status"]
+    def wait_compiled(self, timeout: float = 900.0) -> str:
+        """Block until the compilation of the loaded model ends (or ``timeout`` seconds pass);
+        returns the compile status (``ready``, ``off``, ``failed: ...``, ``compiling``)."""
+        return self._model.compiled.wait(timeout)
 
     def _dtype(self) -> Optional[torch.dtype]:
         p = str(self.precision).lower()
@@ -283,32 +284,39 @@ class NodulePredictor:
         return True
 
     @property
+    def loaded(self) -> LoadedModel:
+        """The model being served now."""
+        return self._model
+
+    @property
     def threshold(self) -> float:
         """Malignant probability at or above which the label is malignant."""
-        return self.threshold_override if self.threshold_override is not None else self._state["threshold"]
+        return self.threshold_override if self.threshold_override is not None else self._model.threshold
 
     @property
     def model_id(self) -> str:
-        return self._state["model"]
+        return self._model.identity
 
     @property
     def image_size(self) -> int:
-        return self._state["image_size"]
+        return self._model.image_size
 
     def info(self) -> dict:
-        """What the loaded model is: identity, validation metrics, creation time, input size."""
-        s = self._state
-        return {"model": s["model"], "metrics": s["metrics"], "created": s["created"], "image_size": s["image_size"],
-                "threshold": self.threshold,
-                "network": s["network_def"], "precision": str(s["dtype"]).replace("torch.", "") if s["dtype"] else "fp32",
-                "device": str(self.device), "train": s["train"],
-                "compiled": s["compile_status"]}
+        """What the loaded model is: identity, validation metrics, creation time, input size,
+        precision, device and compilation (``compiled``: status; ``compiled_batch_sizes``: the
+        batch sizes served by a compiled network now)."""
+        m = self._model
+        return {"model": m.identity, "metrics": m.metrics, "created": m.created, "image_size": m.image_size,
+                "threshold": self.threshold, "network": m.network_def,
+                "precision": str(m.dtype).replace("torch.", "") if m.dtype else "fp32",
+                "device": str(self.device), "train": m.train,
+                "compiled": m.compiled.status, "compiled_batch_sizes": m.compiled.ready_sizes()}
 
     # ------------------------------------------------------------------------------- inference
-    def _prepare(self, state: dict, image: ImageInput, roi) -> tuple[UltrasoundImage, torch.Tensor, list]:
+    def _prepare(self, model: LoadedModel, image: ImageInput, roi) -> tuple[UltrasoundImage, torch.Tensor, list]:
         img = image if isinstance(image, UltrasoundImage) else load_image(image)
         box = normalize_roi(roi, img.shape)  # checked here: MONAI would wrap the error
-        d = state["transforms"]({"image": img, "roi": box})
+        d = model.transforms({"image": img, "roi": box})
         box = [int(v) for v in d["image_meta_dict"]["roi"]]
         x = d["image"]
         x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)  # a plain tensor, not MONAI's MetaTensor
@@ -326,31 +334,27 @@ class NodulePredictor:
         return self._on_worker(self._predict_batch, images, rois)
 
     def _predict_batch(self, images: Sequence[ImageInput], rois) -> list[Prediction]:
-        state = self._state
+        model = self._model
         rois = list(rois) if rois is not None else [None] * len(images)
         if len(rois) != len(images):
             raise ValueError(f"{len(rois)} rois for {len(images)} images")
         t0 = time.perf_counter()
-        prepared = [self._prepare(state, im, r) for im, r in zip(images, rois)]
+        prepared = [self._prepare(model, im, r) for im, r in zip(images, rois)]
         x = torch.stack([p[1] for p in prepared]).to(self.device)
         t1 = time.perf_counter()
-        out = self._forward(x, state)
+        out = self._forward(x, model)
         with torch.inference_mode():
             probs = torch.softmax(out.logits.float(), dim=1).cpu().numpy()
             sal = torch.sigmoid(out.saliency_logits.float()) if out.saliency_logits is not None else None
         t2 = time.perf_counter()
+        threshold = self.threshold_override if self.threshold_override is not None else model.threshold
         results = []
         for n, (img, _, box) in enumerate(prepared):
-            saliency = np.zeros(img.shape, dtype=np.float32)
-            if sal is not None:
-                x0, y0, x1, y1 = box
-                crop = F.interpolate(sal[n : n + 1], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
-                saliency[y0:y1, x0:x1] = crop[0, 0].cpu().numpy()
             p = {name: float(probs[n, i]) for i, name in enumerate(CLASS_NAMES)}
-            threshold = self.threshold_override if self.threshold_override is not None else state["threshold"]
             label = CLASS_NAMES[POSITIVE_CLASS] if p[CLASS_NAMES[POSITIVE_CLASS]] >= threshold else CLASS_NAMES[1 - POSITIVE_CLASS]
             full = box == [0, 0, img.shape[1], img.shape[0]]
-            results.append(Prediction(label, p, saliency, None if full and rois[n] is None else box, state["model"],
+            results.append(Prediction(label, p, saliency_on_frame(sal, n, img.shape, box),
+                                      None if full and rois[n] is None else box, model.identity,
                                       threshold, self.mask_threshold))
         t3 = time.perf_counter()
         per = len(images)
@@ -414,6 +418,37 @@ def compile_mode(value: Union[bool, str, None]) -> str:
     if v == "background":
         return "background"
     raise ValueError(f"compile must be off, on or background, not {value!r}")
+
+
+def saliency_on_frame(saliency: Optional[torch.Tensor], index: int, shape: tuple, box: Sequence[int]) -> np.ndarray:
+    """Item ``index`` of a batch of saliency probabilities ``(N, 1, S, S)``, resized into the
+    ``box`` of a ``shape = (H, W)`` frame: ``(H, W)`` float32, 0 outside the box (and everywhere
+    for a network without saliency, ``saliency=None``)."""
+    out = np.zeros(shape, dtype=np.float32)
+    if saliency is not None:
+        x0, y0, x1, y1 = box
+        crop = F.interpolate(saliency[index : index + 1], size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+        out[y0:y1, x0:x1] = crop[0, 0].cpu().numpy()
+    return out
+
+
+def _batch_plan(n: int, compiled: CompiledNetworks) -> list[tuple[int, int, Optional[Callable]]]:
+    """How a batch of ``n`` runs: ``(start, stop, compiled network or None for eager)`` chunks.
+
+    Whole when a compiled network of size ``n`` is ready (or none is); else chunks of the ready
+    compiled sizes, largest first, so an image never costs more than a compiled batch-1 call;
+    what no ready size covers runs eagerly in one chunk."""
+    ready = compiled.ready_sizes()
+    if not ready or n in ready:
+        return [(0, n, compiled.runner(n))]
+    plan, start = [], 0
+    for size in sorted(ready, reverse=True):
+        while n - start >= size:
+            plan.append((start, start + size, compiled.runner(size)))
+            start += size
+    if start < n:
+        plan.append((start, n, None))
+    return plan
 
 
 def _stem(name: str) -> str:

@@ -79,7 +79,8 @@ class ThyroidNoduleApp(MONAILabelApp):
         return {}
 
     def init_batch_infer(self):
-        return PersistingBatchInfer(self.task_config.infer(), int(self.task_config.inference["max_pixels"]))
+        inference = self.task_config.inference
+        return PersistingBatchInfer(self.task_config.infer(), int(inference["max_pixels"]), int(inference["batch_size"]))
 
     def on_init_complete(self):
         super().on_init_complete()

@@ -32,13 +32,15 @@ class PersistingBatchInfer(BatchInferTask):
     """Batch ``classify_nodule`` over all / labelled / unlabelled images, results persisted.
 
     Request fields: ``images`` (``all``, ``labeled``, ``unlabeled`` or a list of ids),
-    ``label_tag`` (default ``original``), ``batch_size`` (default 8), ``max_batch_size`` (at most
-    this many images, 0 for all).
+    ``label_tag`` (default ``original``), ``batch_size`` (default: ``configs/inference.json``
+    ``inference.batch_size``, a batch size the served network is compiled for), ``max_batch_size``
+    (at most this many images, 0 for all).
     """
 
-    def __init__(self, task: ClassifyNodule, max_pixels: int) -> None:
+    def __init__(self, task: ClassifyNodule, max_pixels: int, batch_size: int = 8) -> None:
         self.task = task
         self.max_pixels = max_pixels
+        self.batch_size = int(batch_size)
 
     def __call__(self, request: Dict[str, Any], datastore: Datastore, infer: Callable) -> Dict[str, Any]:
         model = request.get("model", TASK_NAME)
@@ -50,7 +52,7 @@ class PersistingBatchInfer(BatchInferTask):
         if not (isinstance(images, str) or (isinstance(images, list) and all(isinstance(i, str) for i in images))):
             raise InvalidRequestError("images must be 'all', 'labeled', 'unlabeled' or a list of image ids")
         limit = _count_option(request, "max_batch_size", 0)
-        batch_size = max(1, _count_option(request, "batch_size", 8))
+        batch_size = max(1, _count_option(request, "batch_size", self.batch_size))
         tag = check_tag(request.get("label_tag") or DefaultLabelTag.ORIGINAL.value)
         image_ids = sorted(self.get_images(request, datastore))
         if limit > 0:

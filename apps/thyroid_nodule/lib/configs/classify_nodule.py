@@ -32,6 +32,18 @@ from ..infers import ClassifyNodule
 from ..trainers import ClassifyNoduleTrainer
 
 
+def batch_sizes(value: Any) -> tuple:
+    """Batch sizes from ``--conf compile_batch_sizes 1,8,32`` (or a list in the config)."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    try:
+        sizes = tuple(int(v) for v in items)
+    except (TypeError, ValueError):
+        sizes = ()
+    if not sizes or any(s < 1 for s in sizes):
+        raise ValueError(f"compile_batch_sizes must be positive whole numbers such as 1,8,32, not {value!r}")
+    return sizes
+
+
 class ClassifyNoduleConfig(TaskConfig):
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -41,7 +53,8 @@ class ClassifyNoduleConfig(TaskConfig):
         self.path = [self.pretrained_path, self.trained_path]
         cfg = load_config("inference")
         inference = dict(cfg["inference"])
-        for key, cast in (("precision", str), ("compile", compile_mode), ("threshold", float), ("max_pixels", int)):
+        for key, cast in (("precision", str), ("compile", compile_mode), ("compile_batch_sizes", batch_sizes),
+                          ("threshold", float), ("max_pixels", int), ("batch_size", int)):
             if key in conf:
                 inference[key] = cast(conf[key])
         self.inference = inference
@@ -58,6 +71,7 @@ class ClassifyNoduleConfig(TaskConfig):
                     "precision": i["precision"],
                     "channels_last": bool(i["channels_last"]),
                     "compile": i["compile"],
+                    "compile_batch_sizes": batch_sizes(i["compile_batch_sizes"]),
                     "threshold": None if i["threshold"] is None else float(i["threshold"]),
                     "mask_threshold": float(i["mask_threshold"]),
                     "network_def": self.network_def,
