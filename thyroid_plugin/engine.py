@@ -207,16 +207,23 @@ def make_loader(items: Sequence[Mapping], transforms: list, settings: TrainSetti
 
 
 def _loader(items: Sequence[Mapping], transforms: list, settings: TrainSettings, batch_size: int, shuffle: bool, sampler=None):
+    ds = _dataset(items, transforms, settings)
+    return ds, _batches(ds, settings, batch_size, shuffle, sampler)
+
+
+def _dataset(items: Sequence[Mapping], transforms: list, settings: TrainSettings) -> Dataset:
     pipeline = Compose(transforms + [SelectItemsd(keys=["image", "label"])])
     if settings.cache:
-        ds = CacheDataset(list(items), pipeline, cache_rate=1.0, num_workers=None, progress=False)
-    else:
-        ds = Dataset(list(items), pipeline)
+        return CacheDataset(list(items), pipeline, cache_rate=1.0, num_workers=None, progress=False)
+    return Dataset(list(items), pipeline)
+
+
+def _batches(ds: Dataset, settings: TrainSettings, batch_size: int, shuffle: bool, sampler=None):
     if settings.num_workers > 0:
-        return ds, DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                              num_workers=settings.num_workers, persistent_workers=True)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                          num_workers=settings.num_workers, persistent_workers=True)
     # a background thread prepares the next batch while the model computes
-    return ds, ThreadDataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=0)
+    return ThreadDataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=0)
 
 
 def _progress_enabled(progress: Any) -> bool:
@@ -300,11 +307,11 @@ def fit(
     train_tf = list(train_transforms) if train_transforms is not None else (
         preprocess_transforms(size) + augmentation_transforms(size, settings.augmentation))
     val_tf = list(val_transforms) if val_transforms is not None else preprocess_transforms(size)
+    train_ds = _dataset(train_list, train_tf, settings)  # built (decoded, resized, cached) once
     sampler = None
-    train_ds, train_loader = _loader(train_list, train_tf, settings, settings.batch_size, shuffle=True)
     if world_size > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=settings.seed)
-        train_ds, train_loader = _loader(train_list, train_tf, settings, settings.batch_size, shuffle=False, sampler=sampler)
+    train_loader = _batches(train_ds, settings, settings.batch_size, shuffle=True, sampler=sampler)
     val_loader = None
     if val_list:
         _, val_loader = _loader(val_list, val_tf, settings, settings.val_batch_size, shuffle=False)
