@@ -9,7 +9,8 @@ Files written in ``output_dir`` (each atomically):
 
 - ``model.pt`` - the best model (see :mod:`thyroid_plugin.checkpoint`);
 - ``metrics.json`` - its validation metrics (``auc``, ``accuracy``, ``sensitivity``,
-  ``specificity``, ``f1``, ``balanced_accuracy``);
+  ``specificity``, ``f1``, ``balanced_accuracy``) at its operating point ``threshold`` (Youden's
+  J on the validation predictions), the threshold it serves with;
 - ``train_stats.json`` - progress and history, updated every epoch;
 - ``checkpoints/`` - the last epoch's full state, for ``resume``;
 - ``tensorboard/`` - TensorBoard event files.
@@ -43,7 +44,7 @@ from .checkpoint import save_checkpoint
 from .constants import CLASS_NAMES, POSITIVE_CLASS
 from .data import class_counts, grouped_split, load_datalist
 from .io import atomic_write_bytes, atomic_write_json, json_safe
-from .metrics import METRIC_NAMES, binary_metrics, youden_threshold
+from .metrics import OPERATING_POINT_METRICS, operating_point_metrics
 from .transforms import augmentation_transforms, preprocess_transforms
 
 __all__ = [
@@ -123,10 +124,18 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 class ClassificationMetrics(Metric):
     """ignite metric accumulating malignant probabilities and labels; computes
-    :func:`~thyroid_plugin.metrics.binary_metrics` plus the mean cross-entropy ``loss``.
+    :func:`~thyroid_plugin.metrics.operating_point_metrics` plus the mean cross-entropy ``loss``.
+
+    Args:
+        threshold: the operating point of the thresholded metrics; ``None`` chooses it on the
+            predictions (Youden's J), as the model will then serve with it.
 
     The engine's output must be ``(prob_malignant (B,), labels (B,), ce_sum)``.
     """
+
+    def __init__(self, threshold: Optional[float] = None, **kwargs) -> None:
+        self.threshold = threshold
+        super().__init__(**kwargs)
 
     def reset(self) -> None:
         self._probs: list[np.ndarray] = []
@@ -142,9 +151,8 @@ class ClassificationMetrics(Metric):
     def compute(self) -> dict:
         p = np.concatenate(self._probs) if self._probs else np.zeros(0)
         y = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=int)
-        out = binary_metrics(p, y)
+        out = operating_point_metrics(p, y, self.threshold)
         out["loss"] = self._ce / max(1, len(y))
-        out["threshold"] = youden_threshold(p, y)  # the validation operating point, stored with the model
         return out
 
 
@@ -156,8 +164,9 @@ def _batch_to(batch: Mapping, device: torch.device, channels_last: bool) -> tupl
     return x, y
 
 
-def create_evaluator(network: nn.Module, device: torch.device, settings: TrainSettings) -> Engine:
-    """An ignite engine that runs ``network`` on batches and attaches :class:`ClassificationMetrics`."""
+def create_evaluator(network: nn.Module, device: torch.device, settings: TrainSettings, threshold: Optional[float] = None) -> Engine:
+    """An ignite engine that runs ``network`` on batches and attaches :class:`ClassificationMetrics`
+    (at ``threshold``, default the operating point chosen on the predictions)."""
     dtype = amp_dtype(device, settings.amp)
 
     def step(engine: Engine, batch: Mapping):
@@ -169,8 +178,24 @@ def create_evaluator(network: nn.Module, device: torch.device, settings: TrainSe
         return torch.softmax(logits, dim=1)[:, POSITIVE_CLASS], y, ce.item()
 
     evaluator = Engine(step)
-    ClassificationMetrics().attach(evaluator, "classification")
+    ClassificationMetrics(threshold).attach(evaluator, "classification")
     return evaluator
+
+
+def _collect_predictions(evaluator: Engine) -> dict:
+    """Lists ``prob_malignant`` and ``labels`` that hold the predictions of ``evaluator``'s last run."""
+    collected: dict = {"prob_malignant": [], "labels": []}
+
+    def reset(engine: Engine) -> None:
+        collected["prob_malignant"], collected["labels"] = [], []
+
+    def append(engine: Engine) -> None:
+        collected["prob_malignant"].extend(engine.state.output[0].float().cpu().tolist())
+        collected["labels"].extend(engine.state.output[1].cpu().tolist())
+
+    evaluator.add_event_handler(Events.STARTED, reset)
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, append)
+    return collected
 
 
 def make_train_step(forward_model: nn.Module, network: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -323,6 +348,7 @@ def fit(
 
     trainer = Engine(train_step)
     evaluator = create_evaluator(network, device, settings) if val_loader is not None else None
+    predictions = _collect_predictions(evaluator) if evaluator is not None else None
 
     stats: dict[str, Any] = {
         "status": "running",
@@ -409,9 +435,10 @@ def fit(
     def _publish(engine_epoch: int, metrics: Mapping[str, float]) -> None:
         info = {**dict(train_info or {}), "epoch": engine_epoch, "train_size": len(train_list), "val_size": len(val_list),
                 "loss_form": getattr(loss_fn, "form", ""), "settings": asdict(settings)}
+        validation = (predictions["prob_malignant"], predictions["labels"]) if metrics else None
         identity = save_checkpoint(out / "model.pt", network, network_def, size, metrics, info,
-                                   threshold=metrics.get("threshold"))
-        atomic_write_json(out / "metrics.json", {k: metrics.get(k) for k in METRIC_NAMES})
+                                   threshold=metrics.get("threshold"), validation=validation)
+        atomic_write_json(out / "metrics.json", {k: metrics.get(k) for k in OPERATING_POINT_METRICS})
         stats["model"] = identity
         if publish_path:
             atomic_write_bytes(publish_path, (out / "model.pt").read_bytes())
@@ -445,7 +472,7 @@ def fit(
                 best["score"] = score
                 stats["best_metric"] = metrics.get(settings.key_metric)
                 stats["best_metric_epoch"] = engine.state.epoch
-                stats["metrics"] = {k: metrics[k] for k in METRIC_NAMES}
+                stats["metrics"] = {k: metrics[k] for k in OPERATING_POINT_METRICS}
                 _publish(engine.state.epoch, metrics)
             engine.state.last_val = metrics
         elif evaluator is None and is_main:
@@ -511,16 +538,16 @@ def fit(
 
 def evaluate_network(
     network: nn.Module, datalist: Sequence[Mapping], image_size: int, device: Optional[torch.device] = None,
-    batch_size: int = 32, amp: str = "off",
+    batch_size: int = 32, amp: str = "off", threshold: Optional[float] = None,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics of ``network`` on ``datalist``: ``(metrics, prob_malignant (N,), labels (N,))``."""
+    """Metrics of ``network`` on ``datalist``: ``(metrics, prob_malignant (N,), labels (N,))``;
+    the thresholded metrics at ``threshold`` (the one the network serves with; default the
+    operating point chosen on these predictions)."""
     device = device or default_device()
     settings = TrainSettings(image_size=image_size, amp=amp, cache=False, val_batch_size=batch_size, channels_last=True)
     network.to(device).to(memory_format=torch.channels_last)
-    evaluator = create_evaluator(network, device, settings)
-    probs: list = []
-    labels: list = []
-    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (probs.append(e.state.output[0].float().cpu().numpy()), labels.append(e.state.output[1].cpu().numpy())))
+    evaluator = create_evaluator(network, device, settings, threshold)
+    predictions = _collect_predictions(evaluator)
     _, loader = _loader(datalist, preprocess_transforms(image_size), settings, batch_size, shuffle=False)
     meta_tracking = get_track_meta()
     set_track_meta(False)
@@ -528,7 +555,8 @@ def evaluate_network(
         evaluator.run(loader)
     finally:
         set_track_meta(meta_tracking)
-    return dict(evaluator.state.metrics["classification"]), np.concatenate(probs), np.concatenate(labels)
+    return (dict(evaluator.state.metrics["classification"]), np.asarray(predictions["prob_malignant"], dtype=np.float32),
+            np.asarray(predictions["labels"]))
 
 
 def train_bundle(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import Compose
 
-from .checkpoint import load_checkpoint, model_identity, network_from_checkpoint
+from .checkpoint import load_checkpoint, model_identity, network_from_checkpoint, validation_metrics
 from .constants import CLASS_NAMES, POSITIVE_CLASS
 from .engine import amp_dtype, default_device
 from .errors import InvalidModelError
@@ -192,7 +192,7 @@ class NodulePredictor:
             "dtype": dtype,
             "image_size": int(payload["image_size"]),
             "model": model_identity(self.model_path),
-            "metrics": dict(payload.get("metrics", {})),
+            "metrics": validation_metrics(payload, self.threshold_override),  # at the served threshold
             "created": payload.get("created"),
             "train": dict(payload.get("train", {})),
             "network_def": dict(payload["network_def"]),

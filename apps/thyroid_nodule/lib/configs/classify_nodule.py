@@ -69,7 +69,8 @@ class ClassifyNoduleConfig(TaskConfig):
 
     def trainer(self) -> ClassifyNoduleTrainer:
         os.makedirs(self.model_dir, exist_ok=True)
-        return ClassifyNoduleTrainer(self.model_dir, publish_path=self.trained_path, served_path=self.infer().get_path)
+        return ClassifyNoduleTrainer(self.model_dir, publish_path=self.trained_path, served_path=self.infer().get_path,
+                                     threshold=self.inference["threshold"])
 
     def install_model(self, src: str) -> Dict[str, Any]:
         """Publish a model file as the served (trained) model: it must be a thyroid_plugin model
