@@ -8,8 +8,13 @@ A model file is ``torch.save`` of a plain dict (tensors, numbers, strings, lists
      "state_dict": {...},            # fp16 when published, BatchNorm statistics kept in fp32
      "image_size": 224, "class_names": ["benign", "malignant"],
      "threshold": 0.73,              # operating point chosen on validation data
-     "metrics": {"auc": ..., ...},   # validation metrics of this model
+     "metrics": {"auc": ..., ..., "threshold": 0.73},   # validation metrics at that threshold
+     "validation": {"prob_malignant": [...], "label": [...]},   # the validation predictions
      "created": "2026-11-27T20:00:00Z", "train": {...}}   # what it was trained on and how
+
+The validation predictions let :func:`validation_metrics` give the thresholded metrics at
+whatever threshold the model serves with. Files written before they were stored hold metrics at
+probability 0.5 (and no ``validation``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import io
 import os
 import pickle
 import zipfile
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,8 +33,9 @@ from torch import nn
 from .constants import CHECKPOINT_FORMAT, CLASS_NAMES
 from .errors import InvalidModelError, ModelNotFoundError
 from .io import atomic_write_bytes
+from .metrics import THRESHOLDED_METRICS, operating_point_metrics
 
-__all__ = ["build_network", "file_checksum", "load_checkpoint", "model_identity", "save_checkpoint"]
+__all__ = ["build_network", "file_checksum", "load_checkpoint", "model_identity", "save_checkpoint", "validation_metrics"]
 
 _NETWORK_TARGETS = {
     "thyroid_plugin.networks.SaliencyGuidedClassifier": "SaliencyGuidedClassifier",
@@ -75,6 +81,7 @@ def save_checkpoint(
     train_info: Optional[Mapping[str, Any]] = None,
     half: bool = True,
     threshold: Optional[float] = None,
+    validation: Optional[tuple[Sequence[float], Sequence[int]]] = None,
 ) -> str:
     """Write a model file atomically (a reader sees the old file or the new one, never half).
 
@@ -89,6 +96,8 @@ def save_checkpoint(
             J); inference uses it unless configured otherwise. Default 0.5.
         half: store floating weights as fp16 (BatchNorm statistics stay fp32): half the size,
             and inference loads them back to the compute precision.
+        validation: ``(prob_malignant (N,), labels (N,))`` of the validation data the metrics
+            and the threshold come from.
 
     Returns:
         the model's identity (:func:`model_identity`).
@@ -112,11 +121,57 @@ def save_checkpoint(
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "train": _to_plain(dict(train_info or {})),
     }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
+    if validation is not None:
+        payload["validation"] = _validation_record(*validation)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    return _write(path, payload)
+
+
+def _write(path: os.PathLike | str, payload: Mapping[str, Any]) -> str:
+    buf = io.BytesIO()
+    torch.save(dict(payload), buf)
     atomic_write_bytes(path, buf.getvalue())
     return model_identity(path)
+
+
+def _validation_record(prob_malignant: Sequence[float], labels: Sequence[int]) -> dict:
+    p = [float(v) for v in prob_malignant]
+    y = [int(v) for v in labels]
+    if len(p) != len(y):
+        raise ValueError(f"{len(p)} validation probabilities for {len(y)} labels")
+    return {"prob_malignant": p, "label": y}
+
+
+def validation_metrics(payload: Mapping[str, Any], threshold: Optional[float] = None) -> dict:
+    """A model file's validation metrics at ``threshold`` (default: its stored operating point),
+    with ``threshold`` saying which.
+
+    The thresholded metrics (:data:`~thyroid_plugin.metrics.THRESHOLDED_METRICS`) are computed
+    from the stored validation predictions. A file without them (written before they were
+    stored) has its figures at 0.5; at any other threshold they are left out rather than shown
+    for the wrong threshold.
+    """
+    stored = dict(payload.get("metrics") or {})
+    t = float(payload.get("threshold", 0.5) if threshold is None else threshold)
+    untouched = {k: v for k, v in stored.items() if k not in THRESHOLDED_METRICS and k != "threshold"}
+    scores = _stored_scores(payload.get("validation"))
+    if scores is not None:
+        return {**untouched, **operating_point_metrics(*scores, t)}
+    if abs(t - 0.5) < 1e-9:
+        return {**stored, "threshold": t}
+    return {**untouched, "threshold": t}
+
+
+def _stored_scores(record: Any) -> Optional[tuple[list, list]]:
+    """``(prob_malignant, labels)`` of a file's ``validation`` record; ``None`` if it has none
+    (or a malformed one: a model file may come from anywhere)."""
+    if not isinstance(record, Mapping):
+        return None
+    try:
+        p, y = [float(v) for v in record["prob_malignant"]], [int(v) for v in record["label"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (p, y) if len(p) == len(y) and p else None
 
 
 def load_checkpoint(path: os.PathLike | str, map_location: str | torch.device = "cpu") -> dict:
@@ -172,13 +227,20 @@ def network_from_checkpoint(payload: Mapping[str, Any], dtype: torch.dtype = tor
     return network.to(dtype).eval()
 
 
-def set_threshold(path: os.PathLike | str, threshold: float) -> str:
-    """Store a new operating point in a model file (atomically); returns the new identity."""
+def set_threshold(path: os.PathLike | str, threshold: float,
+                  validation: Optional[tuple[Sequence[float], Sequence[int]]] = None) -> str:
+    """Store a new operating point in a model file (atomically, weights untouched); returns the
+    new identity.
+
+    Args:
+        validation: ``(prob_malignant (N,), labels (N,))`` the threshold was chosen on: stored,
+            and the model's metrics become theirs at ``threshold`` (see :func:`validation_metrics`).
+    """
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     payload = load_checkpoint(path)
     payload["threshold"] = float(threshold)
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write_bytes(path, buf.getvalue())
-    return model_identity(path)
+    if validation is not None:
+        payload["validation"] = _validation_record(*validation)
+        payload["metrics"] = _to_plain({**operating_point_metrics(*validation, float(threshold)), "n": len(validation[1])})
+    return _write(path, payload)

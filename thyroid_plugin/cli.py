@@ -84,7 +84,7 @@ def _add_protocol(sub) -> None:
 
 
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="set a model's operating point (Youden's J) from a labelled validation set")
+    p = sub.add_parser("calibrate", help="set a model's operating point (Youden's J) and its validation metrics at it from a labelled validation set")
     p.add_argument("--csv", required=True, help="labelled validation data, not the test data")
     p.add_argument("--model", required=True, help="model file (updated in place, atomically)")
     p.add_argument("--device")
@@ -233,10 +233,10 @@ def cmd_protocol(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .checkpoint import set_threshold
+    from .checkpoint import load_checkpoint, set_threshold, validation_metrics
     from .data import load_datalist
     from .inference import NodulePredictor
-    from .metrics import binary_metrics, youden_threshold
+    from .metrics import youden_threshold
 
     datalist = load_datalist(args.csv)
     predictor = NodulePredictor(args.model, device=args.device)
@@ -245,8 +245,9 @@ def cmd_calibrate(args) -> int:
                                               [d.get("roi") for d in datalist[start : start + 16]])]
     labels = [int(d["label"]) for d in datalist]
     threshold = youden_threshold(probs, labels)
-    identity = set_threshold(args.model, threshold)
-    metrics = binary_metrics(probs, labels, threshold)
+    # the model's metrics become these predictions' at the new threshold (the weights stay as they are)
+    identity = set_threshold(args.model, threshold, validation=(probs, labels))
+    metrics = validation_metrics(load_checkpoint(args.model))
     print(json.dumps({"model": identity, "threshold": round(threshold, 6), "n": len(labels),
                       "at_threshold": {k: (None if v != v else round(v, 4)) for k, v in metrics.items()}}))
     return 0

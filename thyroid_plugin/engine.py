@@ -9,7 +9,8 @@ Files written in ``output_dir`` (each atomically):
 
 - ``model.pt`` - the best model (see :mod:`thyroid_plugin.checkpoint`);
 - ``metrics.json`` - its validation metrics (``auc``, ``accuracy``, ``sensitivity``,
-  ``specificity``, ``f1``, ``balanced_accuracy``);
+  ``specificity``, ``f1``, ``balanced_accuracy``) at its operating point ``threshold`` (Youden's
+  J on the validation predictions), the threshold it serves with;
 - ``train_stats.json`` - progress and history, updated every epoch;
 - ``checkpoints/`` - the last epoch's full state, for ``resume``;
 - ``tensorboard/`` - TensorBoard event files.
@@ -39,10 +40,10 @@ from monai.utils import set_determinism
 from torch import nn
 
 from .checkpoint import save_checkpoint
-from .constants import CLASS_NAMES, POSITIVE_CLASS
+from .constants import POSITIVE_CLASS
 from .data import class_counts, grouped_split, load_datalist
 from .io import atomic_write_bytes, atomic_write_json, json_safe
-from .metrics import METRIC_NAMES, binary_metrics, youden_threshold
+from .metrics import OPERATING_POINT_METRICS, operating_point_metrics
 from .runtime import amp_dtype, default_device
 from .runtime import autocast as _autocast
 from .transforms import augmentation_transforms, preprocess_transforms
@@ -95,10 +96,18 @@ class TrainSettings:
 
 class ClassificationMetrics(Metric):
     """ignite metric accumulating malignant probabilities and labels; computes
-    :func:`~thyroid_plugin.metrics.binary_metrics` plus the mean cross-entropy ``loss``.
+    :func:`~thyroid_plugin.metrics.operating_point_metrics` plus the mean cross-entropy ``loss``.
+
+    Args:
+        threshold: the operating point of the thresholded metrics; ``None`` chooses it on the
+            predictions (Youden's J), as the model will then serve with it.
 
     The engine's output must be ``(prob_malignant (B,), labels (B,), ce_sum)``.
     """
+
+    def __init__(self, threshold: Optional[float] = None, **kwargs) -> None:
+        self.threshold = threshold
+        super().__init__(**kwargs)
 
     def reset(self) -> None:
         self._probs: list[np.ndarray] = []
@@ -114,9 +123,8 @@ class ClassificationMetrics(Metric):
     def compute(self) -> dict:
         p = np.concatenate(self._probs) if self._probs else np.zeros(0)
         y = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=int)
-        out = binary_metrics(p, y)
+        out = operating_point_metrics(p, y, self.threshold)
         out["loss"] = self._ce / max(1, len(y))
-        out["threshold"] = youden_threshold(p, y)  # the validation operating point, stored with the model
         return out
 
 
@@ -128,8 +136,9 @@ def _batch_to(batch: Mapping, device: torch.device, channels_last: bool) -> tupl
     return x, y
 
 
-def create_evaluator(network: nn.Module, device: torch.device, settings: TrainSettings) -> Engine:
-    """An ignite engine that runs ``network`` on batches and attaches :class:`ClassificationMetrics`."""
+def create_evaluator(network: nn.Module, device: torch.device, settings: TrainSettings, threshold: Optional[float] = None) -> Engine:
+    """An ignite engine that runs ``network`` on batches and attaches :class:`ClassificationMetrics`
+    (at ``threshold``, default the operating point chosen on the predictions)."""
     dtype = amp_dtype(device, settings.amp)
 
     def step(engine: Engine, batch: Mapping):
@@ -141,8 +150,24 @@ def create_evaluator(network: nn.Module, device: torch.device, settings: TrainSe
         return torch.softmax(logits, dim=1)[:, POSITIVE_CLASS], y, ce.item()
 
     evaluator = Engine(step)
-    ClassificationMetrics().attach(evaluator, "classification")
+    ClassificationMetrics(threshold).attach(evaluator, "classification")
     return evaluator
+
+
+def _collect_predictions(evaluator: Engine) -> dict:
+    """Lists ``prob_malignant`` and ``labels`` that hold the predictions of ``evaluator``'s last run."""
+    collected: dict = {"prob_malignant": [], "labels": []}
+
+    def reset(engine: Engine) -> None:
+        collected["prob_malignant"], collected["labels"] = [], []
+
+    def append(engine: Engine) -> None:
+        collected["prob_malignant"].extend(engine.state.output[0].float().cpu().tolist())
+        collected["labels"].extend(engine.state.output[1].cpu().tolist())
+
+    evaluator.add_event_handler(Events.STARTED, reset)
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, append)
+    return collected
 
 
 def make_train_step(forward_model: nn.Module, network: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -179,16 +204,23 @@ def make_loader(items: Sequence[Mapping], transforms: list, settings: TrainSetti
 
 
 def _loader(items: Sequence[Mapping], transforms: list, settings: TrainSettings, batch_size: int, shuffle: bool, sampler=None):
+    ds = _dataset(items, transforms, settings)
+    return ds, _batches(ds, settings, batch_size, shuffle, sampler)
+
+
+def _dataset(items: Sequence[Mapping], transforms: list, settings: TrainSettings) -> Dataset:
     pipeline = Compose(transforms + [SelectItemsd(keys=["image", "label"])])
     if settings.cache:
-        ds = CacheDataset(list(items), pipeline, cache_rate=1.0, num_workers=None, progress=False)
-    else:
-        ds = Dataset(list(items), pipeline)
+        return CacheDataset(list(items), pipeline, cache_rate=1.0, num_workers=None, progress=False)
+    return Dataset(list(items), pipeline)
+
+
+def _batches(ds: Dataset, settings: TrainSettings, batch_size: int, shuffle: bool, sampler=None):
     if settings.num_workers > 0:
-        return ds, DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                              num_workers=settings.num_workers, persistent_workers=True)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                          num_workers=settings.num_workers, persistent_workers=True)
     # a background thread prepares the next batch while the model computes
-    return ds, ThreadDataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=0)
+    return ThreadDataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=0)
 
 
 def _progress_enabled(progress: Any) -> bool:
@@ -272,11 +304,11 @@ def fit(
     train_tf = list(train_transforms) if train_transforms is not None else (
         preprocess_transforms(size) + augmentation_transforms(size, settings.augmentation))
     val_tf = list(val_transforms) if val_transforms is not None else preprocess_transforms(size)
+    train_ds = _dataset(train_list, train_tf, settings)  # built (decoded, resized, cached) once
     sampler = None
-    train_ds, train_loader = _loader(train_list, train_tf, settings, settings.batch_size, shuffle=True)
     if world_size > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=settings.seed)
-        train_ds, train_loader = _loader(train_list, train_tf, settings, settings.batch_size, shuffle=False, sampler=sampler)
+    train_loader = _batches(train_ds, settings, settings.batch_size, shuffle=True, sampler=sampler)
     val_loader = None
     if val_list:
         _, val_loader = _loader(val_list, val_tf, settings, settings.val_batch_size, shuffle=False)
@@ -288,6 +320,7 @@ def fit(
 
     trainer = Engine(train_step)
     evaluator = create_evaluator(network, device, settings) if val_loader is not None else None
+    predictions = _collect_predictions(evaluator) if evaluator is not None else None
 
     stats: dict[str, Any] = {
         "status": "running",
@@ -374,9 +407,10 @@ def fit(
     def _publish(engine_epoch: int, metrics: Mapping[str, float]) -> None:
         info = {**dict(train_info or {}), "epoch": engine_epoch, "train_size": len(train_list), "val_size": len(val_list),
                 "loss_form": getattr(loss_fn, "form", ""), "settings": asdict(settings)}
+        validation = (predictions["prob_malignant"], predictions["labels"]) if metrics else None
         identity = save_checkpoint(out / "model.pt", network, network_def, size, metrics, info,
-                                   threshold=metrics.get("threshold"))
-        atomic_write_json(out / "metrics.json", {k: metrics.get(k) for k in METRIC_NAMES})
+                                   threshold=metrics.get("threshold"), validation=validation)
+        atomic_write_json(out / "metrics.json", {k: metrics.get(k) for k in OPERATING_POINT_METRICS})
         stats["model"] = identity
         if publish_path:
             atomic_write_bytes(publish_path, (out / "model.pt").read_bytes())
@@ -410,7 +444,7 @@ def fit(
                 best["score"] = score
                 stats["best_metric"] = metrics.get(settings.key_metric)
                 stats["best_metric_epoch"] = engine.state.epoch
-                stats["metrics"] = {k: metrics[k] for k in METRIC_NAMES}
+                stats["metrics"] = {k: metrics[k] for k in OPERATING_POINT_METRICS}
                 _publish(engine.state.epoch, metrics)
             engine.state.last_val = metrics
         elif evaluator is None and is_main:
@@ -476,16 +510,16 @@ def fit(
 
 def evaluate_network(
     network: nn.Module, datalist: Sequence[Mapping], image_size: int, device: Optional[torch.device] = None,
-    batch_size: int = 32, amp: str = "off",
+    batch_size: int = 32, amp: str = "off", threshold: Optional[float] = None,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics of ``network`` on ``datalist``: ``(metrics, prob_malignant (N,), labels (N,))``."""
+    """Metrics of ``network`` on ``datalist``: ``(metrics, prob_malignant (N,), labels (N,))``;
+    the thresholded metrics at ``threshold`` (the one the network serves with; default the
+    operating point chosen on these predictions)."""
     device = device or default_device()
     settings = TrainSettings(image_size=image_size, amp=amp, cache=False, val_batch_size=batch_size, channels_last=True)
     network.to(device).to(memory_format=torch.channels_last)
-    evaluator = create_evaluator(network, device, settings)
-    probs: list = []
-    labels: list = []
-    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (probs.append(e.state.output[0].float().cpu().numpy()), labels.append(e.state.output[1].cpu().numpy())))
+    evaluator = create_evaluator(network, device, settings, threshold)
+    predictions = _collect_predictions(evaluator)
     _, loader = _loader(datalist, preprocess_transforms(image_size), settings, batch_size, shuffle=False)
     meta_tracking = get_track_meta()
     set_track_meta(False)
@@ -493,7 +527,8 @@ def evaluate_network(
         evaluator.run(loader)
     finally:
         set_track_meta(meta_tracking)
-    return dict(evaluator.state.metrics["classification"]), np.concatenate(probs), np.concatenate(labels)
+    return (dict(evaluator.state.metrics["classification"]), np.asarray(predictions["prob_malignant"], dtype=np.float32),
+            np.asarray(predictions["labels"]))
 
 
 def train_bundle(

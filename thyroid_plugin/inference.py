@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import Compose
 
-from .checkpoint import load_checkpoint, model_identity, network_from_checkpoint
+from .checkpoint import load_checkpoint, model_identity, network_from_checkpoint, validation_metrics
 from .compiled import CompiledNetworks, freeze_for_serving
 from .constants import CLASS_NAMES, POSITIVE_CLASS
 from .errors import InvalidModelError
@@ -226,7 +226,7 @@ class NodulePredictor:
             compiled=CompiledNetworks(network, self.device, dtype, size, sizes, self.channels_last),
             dtype=dtype, image_size=size, identity=model_identity(self.model_path),
             threshold=float(payload.get("threshold", 0.5)), network_def=dict(payload["network_def"]),
-            transforms=Compose(preprocess_transforms(size)), metrics=dict(payload.get("metrics", {})),
+            transforms=Compose(preprocess_transforms(size)), metrics=validation_metrics(payload, self.threshold_override),
             created=payload.get("created"), train=dict(payload.get("train", {})),
         )
         if self.compile == "on":

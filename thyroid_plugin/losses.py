@@ -72,11 +72,16 @@ def _gray(image: torch.Tensor) -> torch.Tensor:
     return image.mean(dim=1, keepdim=True)
 
 
-def _sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sobel(x: torch.Tensor, padding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sobel responses ``(gx, gy)`` of ``x (B, 1, H, W)``, same size, padded by ``padding``
+    (``"zeros"`` or ``"replicate"``)."""
     kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=x.dtype, device=x.device)
     kx = kx.view(1, 1, 3, 3)
     ky = kx.transpose(2, 3)
-    return F.conv2d(x, kx, padding=1), F.conv2d(x, ky, padding=1)
+    if padding == "zeros":
+        return F.conv2d(x, kx, padding=1), F.conv2d(x, ky, padding=1)
+    padded = F.pad(x, (1, 1, 1, 1), mode=padding)
+    return F.conv2d(padded, kx), F.conv2d(padded, ky)
 
 
 # ------------------------------------------------------------------------------------- reference
@@ -86,9 +91,12 @@ def reference_reconstruction(image: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 
 def reference_boundary(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sobel responses of the gray image and of the mask, compared with L1 (x plus y)."""
-    ix, iy = _sobel(_gray(image))
-    mx, my = _sobel(mask)
+    """Sobel responses of the gray image and of the mask, compared with L1 (x plus y).
+
+    Zero-padded, as the authors' code convolves (the frame border responds as an edge).
+    """
+    ix, iy = _sobel(_gray(image), "zeros")
+    mx, my = _sobel(mask, "zeros")
     return F.l1_loss(ix, mx) + F.l1_loss(iy, my)
 
 
@@ -128,13 +136,17 @@ def wellposed_reconstruction(image: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 
 def wellposed_boundary(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Edge-aware total variation: ``mean(|grad m| * exp(-|grad g| / mean|grad g|))``."""
+    """Edge-aware total variation: ``mean(|grad m| * exp(-|grad g| / mean|grad g|))``.
+
+    The Sobel gradients are edge-replicated, as the smoothing is: the frame's border is not an
+    edge of the image (which would make a mask edge along it cheap) nor of the mask.
+    """
     g = _smooth(_gray(image)).float()
     m = mask.float()
-    gx, gy = _sobel(g)
+    gx, gy = _sobel(g, "replicate")
     edge = torch.sqrt(gx**2 + gy**2 + _EPS)
     weight = torch.exp(-edge / (edge.mean(dim=(2, 3), keepdim=True) + _EPS))
-    mx, my = _sobel(m)
+    mx, my = _sobel(m, "replicate")
     return (torch.sqrt(mx**2 + my**2 + _EPS) * weight).mean() / 4.0  # Sobel gain is 4 per unit step
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["METRIC_NAMES", "binary_metrics", "youden_threshold"]
+__all__ = ["METRIC_NAMES", "OPERATING_POINT_METRICS", "THRESHOLDED_METRICS", "binary_metrics", "operating_point_metrics", "youden_threshold"]
 
 #: the keys of :func:`binary_metrics`, in report order
 METRIC_NAMES = ("auc", "accuracy", "sensitivity", "specificity", "f1", "balanced_accuracy")
+#: the metrics that depend on the threshold (all but the AUC)
+THRESHOLDED_METRICS = METRIC_NAMES[1:]
+#: the keys of :func:`operating_point_metrics`: the metrics and the threshold they are at
+OPERATING_POINT_METRICS = METRIC_NAMES + ("threshold",)
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -81,3 +85,15 @@ def youden_threshold(prob_malignant: Sequence[float], labels: Sequence[int], def
         if j > best_j + 1e-12:
             best_t, best_j = float(t), j
     return best_t
+
+
+def operating_point_metrics(prob_malignant: Sequence[float], labels: Sequence[int], threshold: Optional[float] = None) -> dict[str, float]:
+    """:func:`binary_metrics` at the threshold a model serves with, and ``threshold`` saying which.
+
+    Args:
+        prob_malignant, labels: as for :func:`binary_metrics`.
+        threshold: the served operating point; ``None`` chooses it on these predictions
+            (:func:`youden_threshold`), as training does on its validation split.
+    """
+    t = youden_threshold(prob_malignant, labels) if threshold is None else float(threshold)
+    return {**binary_metrics(prob_malignant, labels, t), "threshold": t}

@@ -17,6 +17,7 @@ import requests
 from PIL import Image
 
 from monailabel.client import MONAILabelClient
+from thyroid_plugin.checkpoint import load_checkpoint
 from thyroid_plugin.studies import import_collection
 from tests.support.images import write_png_bomb, write_slicer_file, write_truncated, write_volume_nrrd
 from tests.support.paths import ddti_subset
@@ -56,7 +57,9 @@ def test_info_describes_the_app_and_the_served_model(server, small_model):
     task = info["models"]["classify_nodule"]
     assert task["type"] == "classification" and task["labels"] == ["benign", "malignant"]
     assert task["model"]["model"] == sha_id(small_model)
-    assert set(task["model"]["metrics"]) >= {"auc", "accuracy", "sensitivity", "specificity"}
+    assert set(task["model"]["metrics"]) >= {"auc", "accuracy", "sensitivity", "specificity", "threshold"}
+    # the thresholded figures are at the threshold the model serves with
+    assert task["model"]["metrics"]["threshold"] == load_checkpoint(small_model)["threshold"]
     assert "classify_nodule" in info["trainers"]
     assert "uncertain" in info["strategies"]
     assert info["datastore"]["total"] == 8 and info["datastore"]["completed"] == 4

@@ -106,6 +106,9 @@ def test_training_publishes_a_new_model_that_the_server_follows(server):
     assert stats["status"] == "done" and stats["published"] is True and stats["model"] == after_id
     assert set(stats["metrics"]) >= {"auc", "accuracy", "sensitivity", "specificity", "f1", "balanced_accuracy"}
     assert stats["val_size"] > 0 and stats["train_size"] > 0
+    # every model's figures are at the threshold it serves with: the new one's, and the old one's as the baseline
+    assert stats["metrics"]["threshold"] == after["threshold"]
+    assert stats["baseline"]["metrics"]["threshold"] == before["threshold"]
 
     # a second run on more cases keeps every earlier case on its side of the split
     split_file = server.model_dir / "classify_nodule_split.json"
@@ -123,3 +126,21 @@ def test_training_publishes_a_new_model_that_the_server_follows(server):
     second = json.loads(split_file.read_text())["groups"]
     assert {g: second[g] for g in first} == first
     assert len(second) > len(first)
+
+
+def test_metrics_follow_a_configured_threshold(tmp_path, small_model):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copyfile(small_model, model_dir / "pretrained_classify_nodule.pt")
+    rows = ddti_subset(3, 3, offset=3)
+    import_collection([{"image": r["file"], "label": int(r["label"] == "malignant"), "group": r["case"]} for r in rows],
+                      tmp_path / "studies")
+    with MonaiLabelServer(tmp_path / "studies", model_dir, conf={"threshold": 0.3}) as s:
+        r = requests.post(f"{s.url}/train/classify_nodule", json={"max_epochs": 1, "publish": "always"}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        assert wait_for_train(s.url)["status"] == "DONE"
+        info = requests.get(f"{s.url}/info/", timeout=TIMEOUT).json()
+        stats, model = info["train_stats"]["classify_nodule"], info["models"]["classify_nodule"]["model"]
+        assert classify(s.url, rows[0]["file"])["threshold"] == 0.3
+        assert model["metrics"]["threshold"] == stats["metrics"]["threshold"] == stats["baseline"]["metrics"]["threshold"] == 0.3
+        assert {k: model["metrics"][k] for k in stats["metrics"]} == pytest.approx(stats["metrics"], nan_ok=True)

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 from thyroid_plugin.checkpoint import load_checkpoint, model_identity
 from thyroid_plugin.io import load_image
-from thyroid_plugin.metrics import METRIC_NAMES
+from thyroid_plugin.metrics import METRIC_NAMES, OPERATING_POINT_METRICS
 from tests.support.paths import DDTI, PYTHON, REPO, ddti_subset, write_csv
 
 from .helpers import slicer_write
@@ -116,11 +116,11 @@ def test_train_command(runs):
     r = _ok(runs["results"]["train"], "thyroid-nodule train")
     summary = _strict_json(r.stdout.strip().splitlines()[-1])
     assert Path(summary["model"]) == work / "train" / "model.pt"
-    assert set(summary["metrics"]) == set(METRIC_NAMES)
+    assert set(summary["metrics"]) == set(OPERATING_POINT_METRICS)
     payload = load_checkpoint(work / "train" / "model.pt")
     assert payload["image_size"] == 64 and payload["train"]["settings"]["epochs"] == 1
     metrics = json.loads((work / "train" / "metrics.json").read_text())
-    assert set(metrics) == set(METRIC_NAMES)
+    assert set(metrics) == set(OPERATING_POINT_METRICS)
     stats = json.loads((work / "train" / "train_stats.json").read_text())
     assert stats["status"] == "done" and stats["train_size"] + stats["val_size"] == 6
 
@@ -137,7 +137,7 @@ def test_bundle_run_trains_the_same_model_as_the_cli(runs):
     # same data, same split, same loss and training settings
     for key in ("dataset", "val_fraction", "seed", "train_size", "val_size", "loss_form", "settings"):
         assert bundle["train"][key] == cli["train"][key], key
-    assert set(json.loads((work / "bundle" / "metrics.json").read_text())) == set(METRIC_NAMES)
+    assert set(json.loads((work / "bundle" / "metrics.json").read_text())) == set(OPERATING_POINT_METRICS)
 
 
 def test_inference_and_train_configs_build_the_same_network():
@@ -162,7 +162,8 @@ def test_evaluate_command(runs):
     labels = [p["label"] for p in predictions]
     probs = [p["prob_malignant"] for p in predictions]
     assert metrics["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-4)
-    called = [p >= 0.5 for p in probs]
+    assert metrics["threshold"] == load_checkpoint(runs["model"])["threshold"]  # the model's operating point
+    called = [p >= metrics["threshold"] for p in probs]
     assert metrics["accuracy"] == pytest.approx(np.mean([c == bool(y) for c, y in zip(called, labels)]))
     for name in ("roc.png", "confusion.png"):
         with Image.open(out / name) as im:

@@ -17,6 +17,7 @@ from thyroid_plugin.losses import (
     reference_affinity,
     reference_boundary,
     reference_reconstruction,
+    wellposed_boundary,
     wellposed_prior,
     wellposed_reconstruction,
 )
@@ -44,10 +45,10 @@ def _t(a: np.ndarray) -> torch.Tensor:
 SOBEL_X = np.array([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
 
 
-def _correlate_zero_pad(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+def _correlate(x: np.ndarray, k: np.ndarray, pad: str = "constant") -> np.ndarray:
+    """3x3 correlation, same size; ``pad``: numpy's mode (``constant`` = zeros, ``edge`` = replicate)."""
     h, w = x.shape
-    p = np.zeros((h + 2, w + 2))
-    p[1:-1, 1:-1] = x
+    p = np.pad(x, 1, mode=pad)
     out = np.zeros_like(x)
     for i in range(h):
         for j in range(w):
@@ -58,7 +59,7 @@ def _correlate_zero_pad(x: np.ndarray, k: np.ndarray) -> np.ndarray:
 def _np_boundary(gray: np.ndarray, mask: np.ndarray) -> float:
     terms = 0.0
     for k in (SOBEL_X, SOBEL_X.T):
-        terms += np.abs(_correlate_zero_pad(gray, k) - _correlate_zero_pad(mask, k)).mean()
+        terms += np.abs(_correlate(gray, k) - _correlate(mask, k)).mean()
     return terms
 
 
@@ -172,22 +173,19 @@ def test_wellposed_reconstruction_is_one_for_any_constant_mask(value):
     assert wellposed_reconstruction(image, torch.full((1, 1, 64, 64), value)).item() == pytest.approx(1.0, abs=1e-4)
 
 
-def _np_wellposed_reconstruction(gray: np.ndarray, mask: np.ndarray) -> float:
-    # documented definition: 5x5 box blur (edge-replicated), then a two-region fit normalised by the variance
+def _np_smooth(gray: np.ndarray) -> np.ndarray:
+    # documented definition: 5x5 box blur, edge-replicated
     p = np.pad(gray, 2, mode="edge")
-    g = np.array([[p[i : i + 5, j : j + 5].mean() for j in range(gray.shape[1])] for i in range(gray.shape[0])])
+    return np.array([[p[i : i + 5, j : j + 5].mean() for j in range(gray.shape[1])] for i in range(gray.shape[0])])
+
+
+def _np_wellposed_reconstruction(gray: np.ndarray, mask: np.ndarray) -> float:
+    # a two-region fit of the smoothed image normalised by its variance
+    g = _np_smooth(gray)
     mu_in = (mask * g).sum() / mask.sum()
     mu_out = ((1 - mask) * g).sum() / (1 - mask).sum()
     energy = (mask * (g - mu_in) ** 2 + (1 - mask) * (g - mu_out) ** 2).sum()
     return float(energy / ((g - g.mean()) ** 2).sum())
-
-
-def test_wellposed_reconstruction_value():
-    rng = np.random.default_rng(7)
-    image = rng.random((3, 12, 10))
-    mask = rng.random((12, 10))
-    expected = _np_wellposed_reconstruction(image.mean(axis=0), mask)
-    assert wellposed_reconstruction(_t(image), _t(mask)).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_wellposed_reconstruction_prefers_the_true_region_to_a_shifted_one():
@@ -197,6 +195,42 @@ def test_wellposed_reconstruction_prefers_the_true_region_to_a_shifted_one():
     mask[..., 10:30, 10:30] = 1.0
     shifted = torch.roll(mask, shifts=(4, 4), dims=(2, 3))
     assert wellposed_reconstruction(image, mask).item() < wellposed_reconstruction(image, shifted).item() < 1.0
+
+
+def _np_wellposed_boundary(gray: np.ndarray, mask: np.ndarray) -> float:
+    # documented definition: edge-replicated Sobel of the smoothed image and of the mask
+    g = _np_smooth(gray)
+    edge = np.sqrt(_correlate(g, SOBEL_X, "edge") ** 2 + _correlate(g, SOBEL_X.T, "edge") ** 2 + 1e-8)
+    weight = np.exp(-edge / (edge.mean() + 1e-8))
+    mask_edge = np.sqrt(_correlate(mask, SOBEL_X, "edge") ** 2 + _correlate(mask, SOBEL_X.T, "edge") ** 2 + 1e-8)
+    return float((mask_edge * weight).mean() / 4.0)
+
+
+@pytest.mark.parametrize(
+    "term, numpy_term", [(wellposed_reconstruction, _np_wellposed_reconstruction), (wellposed_boundary, _np_wellposed_boundary)],
+    ids=["reconstruction", "boundary"],
+)
+def test_wellposed_term_value(term, numpy_term):
+    rng = np.random.default_rng(7)
+    image = rng.random((3, 12, 10))
+    mask = rng.random((12, 10))
+    expected = numpy_term(image.mean(axis=0), mask)
+    assert term(_t(image), _t(mask)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_wellposed_boundary_sees_no_edge_at_the_frame_border():
+    # a constant image has no edge anywhere, the frame's border included: a constant mask costs
+    # nothing, and a mask edge along the border costs what the same edge costs mid-frame
+    image = torch.full((1, 3, 32, 32), 0.6)
+    assert wellposed_boundary(image, torch.ones(1, 1, 32, 32)).item() == pytest.approx(0.0, abs=1e-4)
+
+    def step_at(column):
+        mask = torch.zeros(1, 1, 32, 32)
+        mask[..., column:] = 1.0
+        return wellposed_boundary(image, mask).item()
+
+    assert step_at(1) == pytest.approx(step_at(16), rel=1e-6)
+    assert step_at(1) > 0.01
 
 
 def test_wellposed_prior_hand_values():

@@ -9,10 +9,12 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
-from thyroid_plugin.checkpoint import load_checkpoint, set_threshold
+from thyroid_plugin.checkpoint import load_checkpoint, set_threshold, validation_metrics
 from thyroid_plugin.inference import NodulePredictor
 from thyroid_plugin.metrics import binary_metrics, youden_threshold
+from tests.support.metrics import sklearn_metrics
 from tests.support.paths import REPO, ddti_subset, write_csv
 
 
@@ -63,5 +65,38 @@ def test_calibrate_command_sets_the_validation_operating_point(tmp_path, small_m
     probs = [predictor.predict(r["file"]).probabilities["malignant"] for r in rows]
     labels = [int(r["label"] == "malignant") for r in rows]
     assert report["threshold"] == pytest.approx(youden_threshold(probs, labels), abs=1e-5)
-    assert load_checkpoint(model)["threshold"] == pytest.approx(report["threshold"], abs=1e-5)
+    after = load_checkpoint(model)
+    assert after["threshold"] == pytest.approx(report["threshold"], abs=1e-5)
     assert np.isclose(predictor.threshold, report["threshold"], atol=1e-5)
+    # the stored metrics are now these images' at the new threshold, and the weights are untouched
+    expected = sklearn_metrics(probs, labels, after["threshold"])
+    assert {k: after["metrics"][k] for k in expected} == pytest.approx(expected, abs=1e-5, nan_ok=True)
+    assert {k: predictor.info()["metrics"][k] for k in expected} == pytest.approx(expected, abs=1e-5, nan_ok=True)
+    before = load_checkpoint(small_model)["state_dict"]
+    assert after["state_dict"].keys() == before.keys()
+    assert all(torch.equal(after["state_dict"][k], v) and after["state_dict"][k].dtype == v.dtype for k, v in before.items())
+
+
+SCORES = ([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.3], [1, 1, 1, 0, 1, 0, 0])
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5, 0.75, 0.9])
+def test_validation_metrics_follow_the_threshold_from_the_stored_predictions(threshold):
+    payload = {"threshold": 0.85, "metrics": {"auc": 0.9, "loss": 0.4, "accuracy": 0.1, "threshold": 0.85},
+               "validation": {"prob_malignant": SCORES[0], "label": SCORES[1]}}
+    at = 0.85 if threshold is None else threshold
+    metrics = validation_metrics(payload, threshold)
+    assert {k: metrics[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "f1", "balanced_accuracy", "threshold")} == \
+        pytest.approx(sklearn_metrics(*SCORES, at))
+    assert metrics["loss"] == 0.4  # threshold-free figures are kept
+
+
+def test_validation_metrics_of_a_file_without_stored_predictions():
+    # files written before the predictions were stored have their figures at 0.5
+    legacy = {"threshold": 0.879, "metrics": {"auc": 0.9, "loss": 0.3, "accuracy": 0.85, "sensitivity": 0.97,
+                                              "specificity": 0.18, "f1": 0.92, "balanced_accuracy": 0.57}}
+    assert validation_metrics(legacy) == {"auc": 0.9, "loss": 0.3, "threshold": 0.879}  # not shown at the wrong threshold
+    assert validation_metrics(legacy, 0.5) == {**legacy["metrics"], "threshold": 0.5}
+    damaged = {**legacy, "validation": {"prob_malignant": [0.2, "x"], "label": [0]}}
+    assert validation_metrics(damaged) == {"auc": 0.9, "loss": 0.3, "threshold": 0.879}
+

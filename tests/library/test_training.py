@@ -13,13 +13,15 @@ from thyroid_plugin.data import datalist_from_csv
 from thyroid_plugin.engine import fit
 from thyroid_plugin.inference import NodulePredictor
 from thyroid_plugin.losses import SaliencyGuidedLoss
-from thyroid_plugin.metrics import METRIC_NAMES
+from thyroid_plugin.metrics import OPERATING_POINT_METRICS
 from thyroid_plugin.networks import SaliencyGuidedClassifier
+from tests.support.metrics import sklearn_metrics
 from tests.support.paths import ddti_subset, write_csv
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = {"batch_size": 4, "image_size": 64, "progress": False, "tensorboard": False, "log_every": 0, "seed": 0}
+# fp32 validation, so that the stored validation predictions can be compared with fp32 inference
+SETTINGS = {"batch_size": 4, "image_size": 64, "progress": False, "tensorboard": False, "log_every": 0, "seed": 0, "amp": "off"}
 
 
 def _train(out, items, epochs, resume=False):
@@ -53,7 +55,7 @@ def test_training_lowers_the_loss(run):
 def test_training_writes_a_loadable_model_and_metrics(run):
     out, items, stats = run
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == set(METRIC_NAMES)
+    assert set(metrics) == set(OPERATING_POINT_METRICS)
     assert all(v is None or 0.0 <= v <= 1.0 for v in metrics.values())
     payload = load_checkpoint(out / "model.pt")
     assert payload["image_size"] == 64
@@ -61,6 +63,29 @@ def test_training_writes_a_loadable_model_and_metrics(run):
     pred = NodulePredictor(out / "model.pt", device="cpu").predict(items[0]["image"])
     assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
     assert pred.saliency.shape == (300, 300)
+
+
+def test_stored_and_served_metrics_are_at_the_served_threshold(run):
+    out, items, stats = run
+    payload = load_checkpoint(out / "model.pt")
+    val = [d for n, d in enumerate(items) if n % 4 == 3]
+    labels = [d["label"] for d in val]
+    predictor = NodulePredictor(out / "model.pt", device="cpu")
+    served = predictor.threshold
+    probs = [predictor.predict(d["image"]).probabilities["malignant"] for d in val]
+    # the file keeps the model's own validation predictions ...
+    assert payload["validation"]["label"] == labels
+    assert payload["validation"]["prob_malignant"] == pytest.approx(probs, abs=1e-4)
+    # ... and every figure it stores, reports or serves is theirs at the served threshold
+    expected = sklearn_metrics(payload["validation"]["prob_malignant"], labels, served)
+    metrics_json = json.loads((out / "metrics.json").read_text())
+    for name, shown in (("model file", payload["metrics"]), ("metrics.json", metrics_json), ("train_stats", stats["metrics"]),
+                        ("served", predictor.info()["metrics"])):
+        assert {k: shown[k] for k in expected} == pytest.approx(expected, abs=1e-9, nan_ok=True), name
+    # a configured threshold: the served figures follow it
+    other = NodulePredictor(out / "model.pt", device="cpu", threshold=0.3)
+    assert {k: other.info()["metrics"][k] for k in expected} == pytest.approx(
+        sklearn_metrics(payload["validation"]["prob_malignant"], labels, 0.3), abs=1e-9, nan_ok=True)
 
 
 def test_resume_continues_from_the_checkpoint(run):

@@ -64,6 +64,7 @@ def test_test_connection_reports_app_model_and_metrics(logic, server):
     assert report.datastore["total"] >= len(CONFIRMED) + len(UNCONFIRMED)
     message = report.message()
     assert server.url in message and report.model in message and "auc" in message
+    assert f"at threshold {report.metrics['threshold']:.2f}" in message  # the served threshold, as the server says
 
 
 def test_classify_gray_png_frame_mask_matches_direct_upload(logic, scene):

@@ -3,6 +3,7 @@ thread, never in the worker, and one failing handler does not lose the others.""
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 
@@ -71,3 +72,32 @@ def test_nothing_is_delivered_after_shutdown():
     assert tasks.poll() == 0 and delivered == []
     with pytest.raises(RuntimeError):
         tasks.submit("y", lambda: 2)
+
+
+class _FinishesWhileObserved(concurrent.futures.Future):
+    """A completed future that reports "not done" the first time it is asked: a task that
+    finishes between two looks at it."""
+
+    def __init__(self, result):
+        super().__init__()
+        self.set_result(result)
+        self._looks = 0
+
+    def done(self):
+        self._looks += 1
+        return self._looks > 1
+
+
+def test_a_task_finishing_during_poll_is_delivered_exactly_once(monkeypatch):
+    from ThyroidNoduleLib import BackgroundTasks
+
+    tasks = BackgroundTasks()
+    future = _FinishesWhileObserved("result")
+    monkeypatch.setattr(tasks._executor, "submit", lambda fn: future)
+    delivered = []
+    tasks.submit("classify", lambda: None, on_done=delivered.append)
+
+    assert tasks.poll() == 0 and tasks.busy("classify")  # not finished at the first look: kept
+    assert tasks.poll() == 1 and delivered == ["result"]
+    assert not tasks.busy() and tasks.poll() == 0 and delivered == ["result"]
+    tasks.shutdown()

@@ -314,7 +314,7 @@ def test_training_and_batch_progress_in_the_panel(panel, scene):
     info = {"train_stats": {"classify_nodule": {"status": "done", "epoch": 2, "total_epochs": 2, "published": True,
                                                 "model": "sha256:abc", "best_metric": 0.75,
                                                 "metrics": {"auc": 0.75, "accuracy": 0.7, "sensitivity": 0.6,
-                                                            "specificity": 0.8}}}}
+                                                            "specificity": 0.8, "threshold": 0.62}}}}
     result = {"label": "malignant", "probabilities": {"benign": 0.1, "malignant": 0.9}, "model": "sha256:abc"}
     store = {"objects": {"a": {"labels": {"original": {"info": {"params": result}}}}, "b": {"labels": {}}}}
     routes = {
@@ -338,7 +338,8 @@ def test_training_and_batch_progress_in_the_panel(panel, scene):
         panel.widget._pollTraining()
         panel.wait()
         assert ui.trainProgressBar.value == 100 and not panel.widget._trainTimer.active
-        assert ui.trainStatusLabel.text.startswith("Training finished (2/2 epochs): validation auc 0.75")
+        assert ui.trainStatusLabel.text.startswith(
+            "Training finished (2/2 epochs): validation auc 0.75, accuracy 0.70, sensitivity 0.60, specificity 0.80 at threshold 0.62;")
         assert ui.trainButton.enabled and not ui.stopTrainingButton.enabled
 
         ui.classifyAllButton.click()
@@ -370,3 +371,17 @@ def json_body(body: bytes):
     import json
 
     return json.loads(body or b"{}")
+
+
+def test_validation_metrics_say_the_threshold_they_are_at():
+    from ThyroidNoduleLib import ConnectionReport, TrainingProgress
+
+    served = {"auc": 0.899, "accuracy": 0.808, "sensitivity": 0.774, "specificity": 1.0, "f1": 0.873, "threshold": 0.879}
+    report = ConnectionReport(url="http://s", app="Thyroid Nodule", model="sha256:ab", metrics=served, model_error="",
+                              auth=False, datastore={})
+    assert "Model sha256:ab: validation auc 0.90, accuracy 0.81, sensitivity 0.77, specificity 1.00 at threshold 0.88." in report.message()
+    # a model whose thresholded figures are unknown at the served threshold: the AUC alone, no threshold
+    report.metrics = {"auc": 0.9, "threshold": 0.879}
+    assert "Model sha256:ab: validation auc 0.90." in report.message()
+    done = TrainingProgress(status="DONE", epoch=1, total_epochs=1, metrics=served, published=True, model="sha256:cd")
+    assert "validation auc 0.90, accuracy 0.81, sensitivity 0.77, specificity 1.00 at threshold 0.88;" in done.message()

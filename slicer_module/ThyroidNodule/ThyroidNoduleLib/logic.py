@@ -202,8 +202,7 @@ class ConnectionReport:
         """One paragraph for the user."""
         parts = [f"Connected to {self.app} at {self.url}{' (logged in)' if self.auth else ''}."]
         if self.model:
-            shown = ", ".join(f"{k.replace('_', ' ')} {float(v):.2f}" for k, v in self.metrics.items()
-                              if k in ("auc", "accuracy", "sensitivity", "specificity") and isinstance(v, (int, float)))
+            shown = validation_text(self.metrics)
             parts.append(f"Model {self.model}" + (f": validation {shown}." if shown else " (no validation metrics)."))
         else:
             parts.append(f"No usable model: {self.model_error or 'none installed'}.")
@@ -212,6 +211,19 @@ class ConnectionReport:
             parts.append(f"{self.datastore.get('total', 0)} images, {self.datastore.get('completed', 0)} confirmed "
                          f"({d.get('benign', 0)} benign, {d.get('malignant', 0)} malignant).")
         return " ".join(parts)
+
+
+def validation_text(metrics: Dict[str, Any]) -> str:
+    """The validation metrics a user reads, e.g. ``auc 0.90, accuracy 0.81, sensitivity 0.77,
+    specificity 1.00 at threshold 0.88``: the thresholded ones at the threshold the model serves
+    with, which the server sends as ``threshold``; "" when there are none."""
+    shown = ", ".join(f"{k} {float(metrics[k]):.2f}" for k in ("auc", "accuracy", "sensitivity", "specificity")
+                      if isinstance(metrics.get(k), (int, float)))
+    threshold = metrics.get("threshold")
+    thresholded = any(isinstance(metrics.get(k), (int, float)) for k in ("accuracy", "sensitivity", "specificity"))
+    if shown and thresholded and isinstance(threshold, (int, float)):
+        shown += f" at threshold {float(threshold):.2f}"
+    return shown
 
 
 @dataclass
@@ -259,8 +271,7 @@ class TrainingProgress:
             return "Training was stopped; the served model is unchanged."
         if self.status == "ERROR":
             return f"Training failed: {self.error or 'see the server log'}."
-        shown = ", ".join(f"{k.replace('_', ' ')} {float(v):.2f}" for k, v in self.metrics.items()
-                          if k in ("auc", "accuracy", "sensitivity", "specificity") and isinstance(v, (int, float)))
+        shown = validation_text(self.metrics)
         published = ("the new model " + (self.model or "") + " now serves") if self.published else \
             "the served model was kept (the new one was not better)"
         return f"Training finished ({self.epoch}/{self.total_epochs} epochs): validation {shown or 'metrics unavailable'}; {published}."

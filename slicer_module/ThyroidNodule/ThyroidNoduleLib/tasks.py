@@ -71,9 +71,12 @@ class BackgroundTasks:
 
     def poll(self) -> int:
         """Deliver every finished task's outcome in the calling thread; returns how many."""
+        finished: List[_Task] = []
+        running: List[_Task] = []
         with self._lock:
-            finished = [t for t in self._tasks if t.future.done()]
-            self._tasks = [t for t in self._tasks if not t.future.done()]
+            for t in self._tasks:  # done() read once per task: one that finishes meanwhile is kept
+                (finished if t.future.done() else running).append(t)
+            self._tasks = running
         for task in finished:
             try:
                 error = task.future.exception()

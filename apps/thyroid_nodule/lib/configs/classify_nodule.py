@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 
 from monailabel.interfaces.config import TaskConfig
 
-from thyroid_plugin.checkpoint import load_checkpoint, model_identity, network_from_checkpoint
+from thyroid_plugin.checkpoint import load_checkpoint, model_identity, network_from_checkpoint, validation_metrics
 from thyroid_plugin.config import load_config
 from thyroid_plugin.errors import InvalidModelError
 from thyroid_plugin.inference import compile_mode
@@ -83,7 +83,8 @@ class ClassifyNoduleConfig(TaskConfig):
 
     def trainer(self) -> ClassifyNoduleTrainer:
         os.makedirs(self.model_dir, exist_ok=True)
-        return ClassifyNoduleTrainer(self.model_dir, publish_path=self.trained_path, served_path=self.infer().get_path)
+        return ClassifyNoduleTrainer(self.model_dir, publish_path=self.trained_path, served_path=self.infer().get_path,
+                                     threshold=self.inference["threshold"])
 
     def install_model(self, src: str) -> Dict[str, Any]:
         """Publish a model file as the served (trained) model: it must be a thyroid_plugin model
@@ -101,7 +102,7 @@ class ClassifyNoduleConfig(TaskConfig):
         os.makedirs(self.model_dir, exist_ok=True)
         atomic_copy_file(src, self.trained_path)
         return {"model": model_identity(self.trained_path), "path": os.path.basename(self.trained_path),
-                "metrics": json_safe(dict(payload.get("metrics") or {})), "created": payload.get("created")}
+                "metrics": json_safe(validation_metrics(payload, self.inference["threshold"])), "created": payload.get("created")}
 
     def remove_model(self) -> Dict[str, Any]:
         """Set the trained model aside (``<name>.pt.<time>.deleted``, as MONAI Label does); the

@@ -22,12 +22,13 @@ from monai.inferers import SimpleInferer
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from thyroid_plugin.checkpoint import load_checkpoint, model_identity, network_from_checkpoint
+from thyroid_plugin.checkpoint import load_checkpoint, model_identity, network_from_checkpoint, validation_metrics
 from thyroid_plugin.config import load_config
 from thyroid_plugin.data import FixedGroupSplit, class_counts, datalist_from_datastore
 from thyroid_plugin.engine import TrainSettings, evaluate_network, fit
 from thyroid_plugin.errors import DatalistError
 from thyroid_plugin.io import atomic_write_bytes, atomic_write_json, json_safe
+from thyroid_plugin.metrics import OPERATING_POINT_METRICS
 from thyroid_plugin.transforms import augmentation_transforms, preprocess_transforms
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ class ClassifyNoduleTrainer(BasicTrainTask):
     distributed data-parallel training over several GPUs).
     """
 
-    def __init__(self, model_dir: str, publish_path: str, served_path, description: str = "Retrain classify_nodule on confirmed cases", **kwargs) -> None:
+    def __init__(self, model_dir: str, publish_path: str, served_path, description: str = "Retrain classify_nodule on confirmed cases",
+                 threshold: Optional[float] = None, **kwargs) -> None:
         self._train_cfg = load_config("train")
         training = self._train_cfg["training"]
         config = {
@@ -64,6 +66,7 @@ class ClassifyNoduleTrainer(BasicTrainTask):
         for unused in ("dataset", "dataloader", "tracking", "tracking_uri", "tracking_experiment_name"):
             self._config.pop(unused, None)  # BasicTrainTask options this trainer does not read
         self._served_path = served_path  # callable -> path of the model being served, or None
+        self._threshold = threshold  # the served threshold when configured (else each model's own)
         self._split_path = os.path.join(model_dir, "classify_nodule_split.json")
 
     # --------------------------------------------------- the objects training is built from
@@ -180,6 +183,10 @@ class ClassifyNoduleTrainer(BasicTrainTask):
                 val_transforms=self.val_pre_transforms(context),
             )
             if rank == 0:
+                if self._threshold is not None and (Path(context.output_dir) / "model.pt").is_file():
+                    # the run's metrics where its model will serve: at the configured threshold
+                    at = validation_metrics(load_checkpoint(Path(context.output_dir) / "model.pt"), self._threshold)
+                    stats["metrics"] = {k: at.get(k) for k in OPERATING_POINT_METRICS}
                 stats = self._publish(context, stats, baseline, request.get("publish", "if_better"))
                 _write_stats(stats_path, stats)
             return stats
@@ -192,14 +199,16 @@ class ClassifyNoduleTrainer(BasicTrainTask):
                 torch.distributed.destroy_process_group()
 
     def _baseline(self, context: Context, settings: TrainSettings) -> Optional[Dict[str, Any]]:
-        """The served model's metrics on this run's validation cases (for ``publish=if_better``)."""
+        """The served model's metrics on this run's validation cases (for ``publish=if_better``),
+        the thresholded ones at the threshold it serves with."""
         served = self._served_path()
         if not served:
             return None
         payload = load_checkpoint(served)
         network = network_from_checkpoint(payload)
+        threshold = self._threshold if self._threshold is not None else float(payload.get("threshold", 0.5))
         metrics, _, _ = evaluate_network(network, context.val_datalist, int(payload["image_size"]), context.device,
-                                         settings.val_batch_size)
+                                         settings.val_batch_size, threshold=threshold)
         return {"model": model_identity(served), "metrics": metrics}
 
     def _publish(self, context: Context, stats: Dict[str, Any], baseline, policy: str) -> Dict[str, Any]:
