@@ -13,7 +13,10 @@ studies folder with one DDTI frame; the model given, by default the shipped one)
 3. ``--requests`` sequential ``/infer?output=all`` uploads of a real 300x300 PNG: median and p90;
 4. in this process, the model's batch-1 time through the same ``NodulePredictor`` path, for the
    target "median /infer <= model batch-1 time + 30 ms", timed in alternation with the requests
-   (one request, one forward pass) so that the machine's drifting speed affects both alike.
+   (one request, one forward pass) so that the machine's drifting speed affects both alike;
+5. the batch route: ``POST /batch/infer/classify_nodule?run_sync=true`` over ``--batch-images``
+   real DDTI frames in the datastore (decoding, the network, the masks and the results written
+   to the datastore): images per second, against the model's batch-1 rate in the same run.
 
 Prints a table and writes ``bench/results/server.json``.
 """
@@ -56,15 +59,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--requests", type=int, default=30)
+    ap.add_argument("--batch-images", type=int, default=32)
     args = ap.parse_args()
-    image = ddti_images(1)[0]
+    frames = ddti_images(args.batch_images)
+    image = frames[0]
     png = image.read_bytes()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "model").mkdir()
         shutil.copyfile(args.model, tmp / "model" / "pretrained_classify_nodule.pt")
-        import_collection([{"image": str(image), "label": 0, "group": "a"}], tmp / "studies")
+        import_collection([{"image": str(f), "label": 0, "group": f.stem} for f in frames], tmp / "studies")
         cfg = load_config("inference")["inference"]
         server = MonaiLabelServer(tmp / "studies", tmp / "model", log_path=tmp / "server.log",
                                   conf={"compile": cfg["compile"], "precision": cfg["precision"]})
@@ -88,9 +93,10 @@ def main() -> int:
         compile_status = model["compiled"]
         time.sleep(3)
         idle_rss = rss_mb(server.process.pid)
-        predictor = NodulePredictor(args.model, device="cpu", precision=cfg["precision"], compile=cfg["compile"])
+        predictor = NodulePredictor(args.model, device="cpu", precision=cfg["precision"], compile=cfg["compile"],
+                                    compile_batch_sizes=cfg["compile_batch_sizes"])
         predictor.wait_compiled()
-        x = predictor._prepare(predictor._state, load_image(image), None)[1][None]
+        x = predictor._prepare(predictor.loaded, load_image(image), None)[1][None]
         for _ in range(3):
             predictor.forward(x)
         latencies, server_ms, model_times = [], [], []
@@ -105,6 +111,12 @@ def main() -> int:
             assert r.status_code == 200, r.text
             server_ms.append(1e3 * parse_multipart(r)[0]["latencies"]["total"])
         busy_rss = rss_mb(server.process.pid)
+        t = time.perf_counter()
+        r = requests.post(f"{server.url}/batch/infer/classify_nodule", params={"images": "all", "run_sync": "true"},
+                          json={}, timeout=1800)
+        batch_s = time.perf_counter() - t
+        assert r.status_code == 200 and r.json()["failed"] == 0, r.text
+        batch_images = r.json()["total"]
         server.stop()
 
     model_ms = statistics.median(model_times)
@@ -120,10 +132,14 @@ def main() -> int:
          "target": f"<= {model_ms + 30:.0f} ms", "ok": median <= model_ms + 30},
         {"measure": "/infer output=all, p90", "value": p90, "unit": "ms"},
         {"measure": "  of which in the server's infer task (median)", "value": statistics.median(server_ms), "unit": "ms"},
+        {"measure": f"batch route, {batch_images} datastore images (results saved)", "value": batch_images / batch_s,
+         "unit": "images/s"},
+        {"measure": "  model batch-1 rate (same run), for comparison", "value": 1e3 / model_ms, "unit": "images/s"},
     ]
     print_table(rows, ["measure", "value", "unit", "target", "ok"])
     write_json("server", {"model": Path(args.model).name, "startup_s": startup, "compiled_ready_s": compiled_after, "compile_status": compile_status, "idle_rss_mib": idle_rss, "busy_rss_mib": busy_rss,
                           "model_batch1_ms": model_ms, "infer_median_ms": median, "server_task_median_ms": statistics.median(server_ms), "infer_p90_ms": p90, "latencies_ms": latencies,
+                          "batch_route_images": batch_images, "batch_route_images_per_s": batch_images / batch_s,
                           "rows": rows})
     return 0
 

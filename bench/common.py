@@ -65,9 +65,36 @@ def model_gflops(network: torch.nn.Module, image_size: int = 224) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def onednn_isa() -> str:
+    """The instruction set oneDNN dispatches to on this CPU (its ``ONEDNN_VERBOSE`` info line,
+    read from a child process that runs one channels-last convolution)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; c = torch.nn.Conv2d(16, 16, 3).to(memory_format=torch.channels_last)\n"
+            "with torch.inference_mode(): c(torch.rand(1, 16, 32, 32).contiguous(memory_format=torch.channels_last))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "ONEDNN_VERBOSE": "1"})
+    for line in out.stdout.splitlines():
+        if ",info,cpu,isa:" in line:
+            return line.split("isa:", 1)[1].strip()
+    return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), e.g. ``AMD EPYC`` or ``Intel Xeon ...``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -39,8 +39,12 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--model", required=True, help="model file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overlays", type=int, default=3, help="overlays of this many correct and this many wrong cases")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: configs/inference.json batch_size)")
     p.add_argument("--device")
+    p.add_argument("--precision", help="fp32, bf16, fp16 or auto (default: configs/inference.json, as served)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="compile the network for the batch size first (auto: when there are at least "
+                        f"{COMPILE_FROM_IMAGES} images, where the minute it takes pays off)")
 
 
 def _add_predict(sub) -> None:
@@ -133,17 +137,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+COMPILE_FROM_IMAGES = 256
+
+
+def served_predictor(model: str, device: Optional[str], precision: Optional[str], compile: str, batch_size: int):
+    """A predictor with the served settings of ``configs/inference.json`` (precision,
+    channels-last), compiled synchronously for ``batch_size`` and 1 when ``compile`` is ``on``."""
+    from .config import load_config
+    from .inference import NodulePredictor
+
+    served = load_config("inference")["inference"]
+    return NodulePredictor(model, device=device, precision=precision or served["precision"],
+                           channels_last=bool(served["channels_last"]), compile=compile,
+                           compile_batch_sizes=(batch_size, 1) if batch_size > 1 else (1,))
+
+
 def cmd_evaluate(args) -> int:
     import numpy as np
 
+    from .config import load_config
     from .data import load_datalist
-    from .inference import NodulePredictor
     from .io import atomic_write_bytes, load_image
     from .metrics import binary_metrics
     from .reports import plot_confusion, plot_roc, save_overlay
 
     datalist = load_datalist(args.csv)
-    predictor = NodulePredictor(args.model, device=args.device)
+    args.batch_size = args.batch_size or int(load_config("inference")["inference"]["batch_size"])
+    compile = args.compile if args.compile != "auto" else ("on" if len(datalist) >= COMPILE_FROM_IMAGES else "off")
+    predictor = served_predictor(args.model, args.device, args.precision, compile, args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     probs, labels = [], []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Dict
 
 from monailabel.config import settings
@@ -82,6 +83,26 @@ class ThyroidNoduleApp(MONAILabelApp):
         inference = self.task_config.inference
         return PersistingBatchInfer(self.task_config.infer(), int(inference["max_pixels"]), int(inference["batch_size"]))
 
+    def train(self, request):
+        """MONAI Label runs ``POST /train/...?run_sync=true`` in the server process itself; here
+        training always runs in its own process, as for a background run, and the request waits
+        for it. A training step under autocast with gradients beside the served model's threads
+        is the lock-order inversion that hung the server (the GIL against autocast's process-wide
+        weight-cast cache), and it would share the model thread's cores and memory."""
+        if not _in_server_process() or request.get("model", TASK_NAME) not in self._trainers:
+            return super().train(request)
+        from fastapi import HTTPException
+        from monailabel.utils.async_tasks.utils import run_background_task
+
+        task = run_background_task(dict(request), "train")
+        while task["status"] in ("SUBMITTED", "RUNNING"):
+            time.sleep(0.5)
+        stats = self._trainers[request.get("model", TASK_NAME)].stats()
+        if task["status"] != "DONE":
+            raise HTTPException(status_code=500, detail=f"training {task['status'].lower()}: "
+                                                        f"{stats.get('error') or 'see GET /train/ and the server log'}"[:300])
+        return stats
+
     def on_init_complete(self):
         super().on_init_complete()
         # load the served model now (not at the first request) so that its background
@@ -106,11 +127,11 @@ class ThyroidNoduleApp(MONAILabelApp):
 
     def _install_routes(self) -> None:
         # Only in the server process (train and batch subprocesses have no HTTP side).
-        server = sys.modules.get("monailabel.app")
-        if server is None or not hasattr(server, "app"):
+        if not _in_server_process():
             return
         from lib import routes
 
+        server = sys.modules["monailabel.app"]
         self._remove_partial_models()
         routes.install(
             server.app,
@@ -140,6 +161,12 @@ class ThyroidNoduleApp(MONAILabelApp):
             if entry.is_file(follow_symlinks=False) and is_partial_file(entry.name):
                 os.unlink(entry.path)
                 logger.warning("removed %s, left behind by an interrupted model publication", entry.path)
+
+
+def _in_server_process() -> bool:
+    """Whether this is the HTTP server's process (not a train or batch subprocess)."""
+    server = sys.modules.get("monailabel.app")
+    return server is not None and hasattr(server, "app")
 
 
 def _fatal(message: str) -> None:

@@ -144,3 +144,49 @@ def test_metrics_follow_a_configured_threshold(tmp_path, small_model):
         assert classify(s.url, rows[0]["file"])["threshold"] == 0.3
         assert model["metrics"]["threshold"] == stats["metrics"]["threshold"] == stats["baseline"]["metrics"]["threshold"] == 0.3
         assert {k: model["metrics"][k] for k in stats["metrics"]} == pytest.approx(stats["metrics"], nan_ok=True)
+
+
+def test_a_synchronous_training_runs_in_its_own_process_and_classification_goes_on(server):
+    """``POST /train/...?run_sync=true`` waits for the run, but the run is a separate process (as
+    a background one is): training under autocast with gradients in the server process beside the
+    served model's threads can deadlock them (issue 12). Classification answers meanwhile."""
+    import threading
+
+    result: dict = {}
+
+    def train_sync():
+        r = requests.post(f"{server.url}/train/classify_nodule", params={"run_sync": "true"},
+                          json={"max_epochs": 1}, timeout=900)
+        result["status"], result["body"] = r.status_code, r.json()
+
+    before = served(server.url)
+    runner = threading.Thread(target=train_sync)
+    runner.start()
+    commands: set = set()
+    answered = 0
+    while runner.is_alive():
+        commands |= _child_commands(server.process.pid)
+        classify(server.url, server.rows[answered % len(server.rows)]["file"])
+        answered += 1
+    runner.join()
+    assert result["status"] == 200, result
+    assert result["body"]["status"] == "done" and "published" in result["body"], result["body"]
+    assert any("monailabel.interfaces.utils.app -m train" in c for c in commands), commands
+    assert answered >= 2
+    assert result["body"]["published"] is (served(server.url) != before)
+
+
+def _child_commands(pid: int) -> set:
+    """Command lines of the server's child processes now."""
+    import psutil
+
+    commands = set()
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                commands.add(" ".join(child.cmdline()))
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return commands

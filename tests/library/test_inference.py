@@ -300,3 +300,14 @@ def test_served_frames_do_not_fault_in_fresh_memory(frames):
         shipped.predict(image)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
     assert faults < 500, f"{faults:.0f} page faults per frame"
+
+
+def test_serving_does_not_import_the_training_engine():
+    """The served path (inference, compiled networks, runtime helpers) stays off the training
+    stack: importing it must not load :mod:`thyroid_plugin.engine`."""
+    import subprocess
+    import sys
+
+    code = "import sys, thyroid_plugin.inference; print('thyroid_plugin.engine' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
