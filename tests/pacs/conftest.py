@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,9 +11,12 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.support.orthanc import OrthancServer, orthanc_available
-from tests.support.paths import ddti_subset
+from tests.support.paths import APP_DIR, ddti_subset
 from tests.support.server import MonaiLabelServer
 from tests.support.us_dicom import Study, gray_frame, rgb_frame, us_dataset
+
+if str(APP_DIR) not in sys.path:  # the app's ``lib`` package (lib.archive), as MONAI Label imports it
+    sys.path.insert(0, str(APP_DIR))
 
 #: Sequence of Ultrasound Regions deltas (cm per pixel, x then y) of the test objects
 DELTA_CM = (0.0075, 0.008)

@@ -92,3 +92,102 @@ def test_unknown_or_malformed_archive_ids_are_404(server):
     r = requests.post(f"{server.url}/infer/classify_nodule", params={"image": "../etc/passwd", "output": "json"},
                       timeout=TIMEOUT)
     assert r.status_code in (404, 422)
+
+
+def archive_objects(orthanc, modality: str) -> list:
+    """(study, series, sop) of the archive's instances of ``modality``."""
+    from dicomweb_client.api import DICOMwebClient
+
+    rows = DICOMwebClient(orthanc.dicomweb).search_for_instances(search_filters={"Modality": modality})
+    return [tuple(row[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018")) for row in rows]
+
+
+def retrieve(orthanc, uids):
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(orthanc.dicomweb).retrieve_instance(*uids)
+
+
+def run_batch(server) -> dict:
+    r = requests.post(f"{server.url}/batch/infer/classify_nodule", params={"run_sync": "true"},
+                      json={"images": "all"}, timeout=600)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_batch_stores_one_sr_and_one_saliency_per_frame_and_model(server, orthanc, archive, small_model):
+    import highdicom as hd
+
+    from lib.archive import reports
+
+    first = run_batch(server)
+    assert first["total"] == 6 and first["failed"] == 0, first
+    srs, segs = archive_objects(orthanc, "SR"), archive_objects(orthanc, "SEG")
+    scs = archive_objects(orthanc, "OT")
+    results = [u for u in srs if retrieve(orthanc, u).SeriesDescription == reports.RESULT_SERIES]
+    assert len(results) == 6
+    assert len(segs) == 3 and len(scs) == 3  # SEG on single frames, Secondary Capture masks on the clip's frames
+    for uids in results:
+        ds = retrieve(orthanc, uids)
+        assert hd.sr.ComprehensiveSR.from_dataset(ds) is not None
+        (finding,) = reports.parse_sr(ds)
+        image_id = finding.sop if finding.frame is None else f"{finding.sop}-f{finding.frame}"
+        answer = first["results"][image_id]
+        assert finding.label == answer["label"]
+        assert finding.probability == pytest.approx(answer["probabilities"]["malignant"], abs=1e-6)
+        assert finding.threshold == pytest.approx(answer["threshold"])
+        assert finding.model == answer["model"]
+        source = archive.datasets[archive.frames[image_id][0]]
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == source.StudyInstanceUID
+        assert finding.note == reports.RESEARCH_NOTE
+    # the SEG holds the same saliency as the REST answer's mask
+    seg = retrieve(orthanc, segs[0])
+    source_uid = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+    r = requests.post(f"{server.url}/infer/classify_nodule", params={"image": source_uid, "output": "image"},
+                      timeout=TIMEOUT)
+    rest_mask = pydicom.dcmread(io.BytesIO(r.content)).pixel_array
+    # (batched and single-frame inference differ in the last bits of the network's output)
+    difference = np.abs(seg.pixel_array.astype(int) - rest_mask.astype(int))
+    assert difference.max() <= 2 and difference.mean() < 0.1, (difference.max(), difference.mean())
+    # again: nothing new is stored for the same model
+    second = run_batch(server)
+    assert second["failed"] == 0
+    assert len(archive_objects(orthanc, "SR")) == len(srs)
+    assert len(archive_objects(orthanc, "SEG")) == len(segs)
+    assert len(archive_objects(orthanc, "OT")) == len(scs)
+
+
+def test_confirmed_diagnosis_is_an_sr_in_the_archive_and_survives_an_empty_cache(
+        tmp_path, server, orthanc, archive, app_model_dir):
+    from lib.archive import reports
+
+    clip = archive.datasets["clip_jpeg"]
+    image_id = f"{clip.SOPInstanceUID}-f2"
+    r = requests.put(f"{server.url}/datastore/image/info", params={"image": image_id},
+                     data={"info": json.dumps({"diagnosis": "malignant", "roi": [20, 30, 200, 220]})}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    single = archive.datasets["gray"].SOPInstanceUID
+    r = requests.put(f"{server.url}/datastore/image/info", params={"image": single},
+                     data={"info": json.dumps({"diagnosis": "benign"})}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    confirmations = [u for u in archive_objects(orthanc, "SR")
+                     if retrieve(orthanc, u).SeriesDescription == reports.CONFIRMED_SERIES]
+    assert len(confirmations) == 2
+    findings = {f.sop: f for u in confirmations for f in reports.parse_sr(retrieve(orthanc, u))}
+    assert findings[clip.SOPInstanceUID].frame == 2 and findings[clip.SOPInstanceUID].label == "malignant"
+    assert findings[clip.SOPInstanceUID].roi == [20, 30, 200, 220]
+    assert findings[single].label == "benign" and findings[single].frame is None
+    assert findings[single].observer.rstrip("^")  # the confirming user (MONAI Label's user without auth)
+    info = requests.get(f"{server.url}/datastore/image/info", params={"image": image_id}, timeout=TIMEOUT).json()
+    assert info["diagnosis"] == "malignant"
+    # another server with an empty cache reads the ground truth back from the archive
+    root = tmp_path / "fresh"
+    with archive_server(root, orthanc, app_model_dir, root / "empty-cache") as fresh:
+        info = requests.get(f"{fresh.url}/datastore/image/info", params={"image": image_id}, timeout=TIMEOUT).json()
+        assert info["diagnosis"] == "malignant" and info["roi"] == [20, 30, 200, 220]
+        status = requests.get(f"{fresh.url}/info/", timeout=TIMEOUT).json()["datastore"]
+        assert status["completed"] == 2 and status["diagnoses"] == {"benign": 1, "malignant": 1}
+        labeled = requests.get(f"{fresh.url}/datastore/", params={"output": "all"}, timeout=TIMEOUT).json()
+        assert sorted(i for i, o in labeled["objects"].items() if o["image"]["info"].get("diagnosis")) == \
+            sorted([image_id, single])

@@ -80,7 +80,7 @@ class ArchiveDatastore(Datastore):
                 for row in rows:
                     for ref in refs_of_instance(row):
                         refs[ref.image_id] = ref
-                        patients[ref.image_id] = (row.get("00100020", {}).get("Value") or [""])[0]
+                        patients[ref.image_id] = _value(row, "00100020")
                 confirmed = self._read_confirmations()
             except ArchiveError as e:
                 with self._lock:
@@ -99,10 +99,13 @@ class ArchiveDatastore(Datastore):
         """The latest confirmation per frame, from the archive's confirmation SRs (each SR file
         is cached: an SOP instance never changes)."""
         latest: Dict[str, reports.Finding] = {}
-        rows = self.client.search_instances(filters={"Modality": "SR", "SeriesDescription": reports.CONFIRMED_SERIES},
-                                            fields=("0008103E",))
-        for row in rows:
-            study, series, sop = (row.get(t, {}).get("Value", [""])[0] for t in ("0020000D", "0020000E", "00080018"))
+        # series filtered here: archives differ in matching a description with spaces (Orthanc finds none)
+        uids = []
+        for series_row in self.client.search_series(filters={"Modality": "SR"}, fields=("0008103E",)):
+            if _value(series_row, "0008103E") == reports.CONFIRMED_SERIES:
+                study, series = _value(series_row, "0020000D"), _value(series_row, "0020000E")
+                uids += [(study, series, _value(row, "00080018")) for row in self.client.search_instances(study, series)]
+        for study, series, sop in uids:
             if not sop:
                 continue
             path = self.cache.get("reports", sop, lambda: self.client.retrieve_instance(study, series, sop))
@@ -166,6 +169,7 @@ class ArchiveDatastore(Datastore):
             return io.BytesIO(fp.read())
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
+        self._fresh()  # the confirmations too
         ref = self.ref(image_id)
         info = ref.info()
         info["case"] = self._patients.get(image_id) or ref.study
@@ -334,6 +338,11 @@ class ArchiveDatastore(Datastore):
 
     def set_description(self, description: str):
         self._description = description
+
+
+def _value(row: dict, tag: str) -> str:
+    """The first value of ``tag`` in a DICOM JSON row, or ``""``."""
+    return str((row.get(tag, {}).get("Value") or [""])[0])
 
 
 _RESULTS_IN_ARCHIVE = ("results of archive images are stored in the archive itself (SR and SEG in the study); "

@@ -76,6 +76,7 @@ class Finding:
     observer: Optional[str] = None
     when: str = ""
     kind: str = "result"
+    note: Optional[str] = None
 
 
 def _source_region(source, frame: Optional[int], roi: Optional[Sequence[float]]):
@@ -193,9 +194,10 @@ def saliency_object(source, frame: Optional[int], mask: np.ndarray, model: str, 
             device_serial_number=model[:64], fractional_type="PROBABILITY", max_fractional_value=255,
             omit_empty_frames=False, series_description=SALIENCY_SERIES, content_label="SALIENCY",
             content_description=RESEARCH_NOTE)
-    ds = sc_mask
+    ds = sc_mask  # its own series: a series holds one modality
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
-    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series, 9302, 1
+    ds.SeriesInstanceUID = derived_uid("saliency-sc", source.StudyInstanceUID, model)
+    ds.SeriesNumber, ds.InstanceNumber, ds.Modality = 9304, 1, "OT"
     ds.SeriesDescription = SALIENCY_SERIES
     ds.SourceImageSequence[0].ReferencedFrameNumber = frame
     ds.ImageComments = f"saliency of {ALGORITHM_NAME} {model} for frame {frame}; {RESEARCH_NOTE}"
@@ -241,8 +243,11 @@ def parse_sr(ds) -> list[Finding]:
         for evaluation in group.get_qualitative_evaluations():
             label = {"3898006": "benign", "363346000": "malignant"}.get(evaluation.value.value, label)
         values = {m.name.value: float(m.value) for m in group.get_measurements()}
+        notes = [str(item.TextValue) for item in group[0].ContentSequence
+                 if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"]
         out.append(Finding(str(ref.ReferencedSOPInstanceUID), frame, label, roi, values.get("PMALIG"),
-                           values.get("PTHRESH"), _algorithm_version(group), observer, when, kind))
+                           values.get("PTHRESH"), _algorithm_version(group), observer, when, kind,
+                           notes[0] if notes else None))
     return out
 
 
