@@ -191,3 +191,37 @@ def test_confirmed_diagnosis_is_an_sr_in_the_archive_and_survives_an_empty_cache
         labeled = requests.get(f"{fresh.url}/datastore/", params={"output": "all"}, timeout=TIMEOUT).json()
         assert sorted(i for i, o in labeled["objects"].items() if o["image"]["info"].get("diagnosis")) == \
             sorted([image_id, single])
+
+
+def test_run_server_script_serves_the_archive_given_in_STUDIES(tmp_path, orthanc, archive, app_model_dir):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.support.paths import REPO
+    from tests.support.server import free_port
+
+    port = free_port()
+    env = {**os.environ, "STUDIES": orthanc.dicomweb, "PORT": str(port), "MONAI_LABEL_TRACKING_ENABLED": "false"}
+    log = open(tmp_path / "run_server.log", "wb")
+    process = subprocess.Popen(["bash", str(REPO / "scripts" / "run_server.sh"), "--conf", "model_dir", str(app_model_dir),
+                                "--conf", "compile", "off", "--conf", "archive_cache", str(tmp_path / "cache")],
+                               cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert process.poll() is None, (tmp_path / "run_server.log").read_text()[-3000:]
+            try:
+                r = requests.get(f"http://127.0.0.1:{port}/datastore/", params={"output": "all"}, timeout=5)
+                if r.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        assert set(r.json()["objects"]) == set(archive.frames)
+        assert not (tmp_path / "http:").exists()  # no demo studies folder was made from the URL
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+        log.close()
