@@ -146,14 +146,16 @@ class FrameCache:
             return path
         with self._lock:
             lock = self._fetching.setdefault(f"{kind}/{name}", threading.Lock())
-        with lock:
-            if self._touch(path):
-                return path
-            data = make()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, data)
-        with self._lock:
-            self._fetching.pop(f"{kind}/{name}", None)
+        try:
+            with lock:
+                if self._touch(path):
+                    return path
+                data = make()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, data)
+        finally:
+            with self._lock:
+                self._fetching.pop(f"{kind}/{name}", None)
         self.evict(keep=path)
         return path
 
