@@ -3,6 +3,8 @@ dual-attention classifier), retrains it on confirmed cases and runs batch infere
 
 Start it with ``monailabel start_server --app apps/thyroid_nodule --studies STUDIES`` (see the
 repository README for every ``--conf`` option). Nothing is downloaded: no model zoo, no SAM2.
+``STUDIES`` is a folder, or the DICOMweb root of an archive (``http(s)://...``: the datastore of
+``lib/archive``, see the README's "Running against a PACS").
 
 MONAI Label's sessions (``/session/``: uploads kept under ``~/.cache/monailabel/sessions``, with
 archive extraction and client-chosen session ids used as paths) are turned off whatever

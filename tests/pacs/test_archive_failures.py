@@ -25,7 +25,9 @@ def secured(tmp_path_factory):
     with OrthancServer(tmp_path_factory.mktemp("orthanc_auth"), users={USER: PASSWORD}) as o:
         datasets = build_studies(ddti_subset(3, 3))
         store(o, datasets.values(), auth=(USER, PASSWORD))
-        o.frames = sorted(frame_ids(datasets))
+        ids = sorted(frame_ids(datasets))
+        # single frames first: frames of a clip share one cached instance
+        o.frames = [i for i in ids if "-f" not in i] + [i for i in ids if "-f" in i]
         yield o
 
 
@@ -66,7 +68,7 @@ def test_wrong_credentials_are_a_502_that_says_so(tmp_path, secured, app_model_d
 
 
 def test_a_frozen_archive_is_a_504_within_the_timeout_and_info_keeps_answering(server, secured):
-    cached, uncached = secured.frames[0], secured.frames[2]
+    cached, uncached = secured.frames[0], secured.frames[1]
     assert classify(server, cached).status_code == 200
     secured.pause()
     try:
@@ -83,10 +85,10 @@ def test_a_frozen_archive_is_a_504_within_the_timeout_and_info_keeps_answering(s
 
 
 def test_a_stopped_archive_is_a_503_and_nothing_is_stored(server, secured):
-    image_id = secured.frames[3]
+    image_id = secured.frames[3]  # a frame of the clip
     secured.stop()
     try:
-        r, seconds = timed(classify, server, secured.frames[4])
+        r, seconds = timed(classify, server, secured.frames[2])  # a single frame, never fetched
         assert r.status_code == 503 and "cannot be reached" in r.json()["detail"] and seconds < 10
         assert r.headers.get("Retry-After")
         r = requests.put(f"{server.url}/datastore/image/info", params={"image": image_id},
@@ -103,3 +105,23 @@ def test_a_stopped_archive_is_a_503_and_nothing_is_stored(server, secured):
     info = requests.get(f"{server.url}/datastore/image/info", params={"image": image_id}, timeout=TIMEOUT).json()
     assert "diagnosis" not in info
     assert requests.get(f"{server.url}/info/", timeout=TIMEOUT).json()["datastore"]["completed"] == 0
+
+
+def test_the_server_starts_and_answers_info_while_the_archive_is_down(tmp_path, app_model_dir):
+    from tests.support.server import free_port
+
+    class Nowhere:  # a DICOMweb root on a closed loopback port
+        dicomweb = f"http://127.0.0.1:{free_port()}/dicom-web"
+
+    with archive_server(tmp_path / "app", Nowhere, app_model_dir, tmp_path / "cache") as s:
+        info = requests.get(f"{s.url}/info/", timeout=TIMEOUT)
+        assert info.status_code == 200
+        deadline = time.time() + 20  # the background listing fails and says so
+        while time.time() < deadline:
+            archive = requests.get(f"{s.url}/info/", timeout=TIMEOUT).json()["datastore"]["archive"]
+            if archive["error"]:
+                break
+            time.sleep(0.5)
+        assert archive["reachable"] is False and "cannot be reached" in archive["error"]
+        r = classify(s, "1.2.3.4.5")
+        assert r.status_code == 503 and "cannot be reached" in r.json()["detail"]

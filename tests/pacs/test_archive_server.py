@@ -225,3 +225,21 @@ def test_run_server_script_serves_the_archive_given_in_STUDIES(tmp_path, orthanc
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
         log.close()
+
+
+def test_adding_an_image_stores_ultrasound_dicom_in_the_archive_and_refuses_other_files(server, orthanc, archive):
+    from tests.support.us_dicom import Study, gray_frame, us_dataset
+    from pydicom.uid import generate_uid
+
+    ds = us_dataset(Study("TN-0009", "New^Patient"), generate_uid(), [gray_frame(archive.rows[0]["file"])], 1)
+    r = requests.put(f"{server.url}/datastore/image", params={"image": "ignored"},
+                     files={"file": ("new.dcm", reference_bytes(ds), "application/dicom")}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert r.json()["image"] == ds.SOPInstanceUID
+    assert ds.SOPInstanceUID in [uids[2] for uids in archive_objects(orthanc, "US")]
+    r = requests.post(f"{server.url}/infer/classify_nodule", params={"image": ds.SOPInstanceUID, "output": "json"},
+                      timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    r = requests.put(f"{server.url}/datastore/image", params={"image": "x"},
+                     files={"file": ("f.png", open(archive.rows[0]["file"], "rb"), "image/png")}, timeout=TIMEOUT)
+    assert r.status_code == 422 and "ultrasound DICOM" in r.json()["detail"]

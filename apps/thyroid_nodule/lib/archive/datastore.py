@@ -275,8 +275,9 @@ class ArchiveDatastore(Datastore):
         from pydicom.errors import InvalidDicomError
 
         try:
-            ds = pydicom.dcmread(image_filename)
-        except (InvalidDicomError, OSError, ValueError):
+            ds = pydicom.dcmread(image_filename, force=True)  # force: also a file without the preamble
+            ds.SOPInstanceUID, ds.StudyInstanceUID, ds.PixelData  # noqa: B018 (all present, or AttributeError)
+        except (InvalidDicomError, OSError, ValueError, AttributeError, TypeError):
             raise InvalidRequestError("only ultrasound DICOM can be added to the archive") from None
         if str(ds.get("SOPClassUID", "")) not in US_CLASSES:
             raise InvalidRequestError("only ultrasound DICOM (US Image or US Multi-frame Image Storage) can be added")
