@@ -152,7 +152,7 @@ def test_batch_stores_one_sr_and_one_saliency_per_frame_and_model(server, orthan
     assert difference.max() <= 2 and difference.mean() < 0.1, (difference.max(), difference.mean())
     # again: nothing new is stored for the same model
     second = run_batch(server)
-    assert second["failed"] == 0
+    assert second["failed"] == 0 and second["total"] == 6 and second["skipped"] == 6, second
     assert len(archive_objects(orthanc, "SR")) == len(srs)
     assert len(archive_objects(orthanc, "SEG")) == len(segs)
     assert len(archive_objects(orthanc, "OT")) == len(scs)
