@@ -243,3 +243,32 @@ def test_adding_an_image_stores_ultrasound_dicom_in_the_archive_and_refuses_othe
     r = requests.put(f"{server.url}/datastore/image", params={"image": "x"},
                      files={"file": ("f.png", open(archive.rows[0]["file"], "rb"), "image/png")}, timeout=TIMEOUT)
     assert r.status_code == 422 and "ultrasound DICOM" in r.json()["detail"]
+
+
+def test_slicer_confirms_a_frame_loaded_from_the_pacs_by_its_uid(server, orthanc, archive):
+    """3D Slicer's DICOM module sets ``DICOM.instanceUIDs`` on what it loads: the module's Confirm
+    then names the archive frame by its UID (no upload) and the archive gets the SR."""
+    import sys
+
+    from lib.archive import reports
+    from tests.slicer.helpers import MODULE_DIR, RASTER_IJK_TO_RAS, add_volume, new_scene
+    from tests.support.us_dicom import rgb_frame
+
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
+    from ThyroidNoduleLib import NoduleLogic
+
+    ds = archive.datasets["rgb_jpeg"]
+    scene = new_scene()
+    gray = rgb_frame(archive.rows[1]["file"]).mean(axis=-1).astype(np.uint8)
+    volume = add_volume(scene, gray[None], RASTER_IJK_TO_RAS, "from PACS")
+    volume.SetAttribute("DICOM.instanceUIDs", ds.SOPInstanceUID)
+    logic = NoduleLogic(scene)
+    logic.connect(server.url)
+    us_before = len(archive_objects(orthanc, "US"))
+    assert logic.confirm(volume, "malignant") == ds.SOPInstanceUID
+    assert len(archive_objects(orthanc, "US")) == us_before  # nothing uploaded
+    findings = [f for u in archive_objects(orthanc, "SR") for f in reports.parse_sr(retrieve(orthanc, u))
+                if f.kind == "confirmed" and f.sop == ds.SOPInstanceUID]
+    assert [f.label for f in findings] == ["malignant"]
+    scene.Clear(1)
