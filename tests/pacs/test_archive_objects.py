@@ -124,3 +124,27 @@ def test_saliency_seg_holds_the_exact_mask_values(rows):
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.SegmentationType == "FRACTIONAL"
     assert np.array_equal(seg.pixel_array, mask)
     assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_training_datalist_fetches_confirmed_frames_only():
+    """An archive-backed datastore downloads what ``get_image_uri`` names: the datalist of
+    confirmed cases must not ask for the others."""
+    from thyroid_plugin.data import datalist_from_datastore
+
+    class Store:
+        fetched = []
+
+        def list_images(self):
+            return ["1.2.1", "1.2.2", "1.2.3"]
+
+        def get_image_info(self, image_id):
+            return {"diagnosis": "benign", "case": "P1"} if image_id == "1.2.2" else {"case": "P2"}
+
+        def get_image_uri(self, image_id):
+            self.fetched.append(image_id)
+            return f"/cache/{image_id}.dcm"
+
+    store = Store()
+    items = datalist_from_datastore(store)
+    assert [i["id"] for i in items] == ["1.2.2"] and items[0]["label"] == 0
+    assert store.fetched == ["1.2.2"]
