@@ -54,6 +54,17 @@ def test_qido_rows_become_one_id_per_frame():
         ["1.2.3.4-f1", "1.2.3.4-f2", "1.2.3.4-f3"]
     assert refs_of_instance(row("1.2.840.10008.5.1.4.1.1.7")) == []  # secondary capture: not a US frame
     assert refs_of_instance(row("1.2.840.10008.5.1.4.1.1.88.33")) == []  # an SR
+    hostile = row("1.2.840.10008.5.1.4.1.1.6.1")
+    hostile["00080018"] = {"Value": ["../../../etc/x"]}  # an archive's answer never names a path
+    assert refs_of_instance(hostile) == []
+
+
+def test_cache_names_are_uids_only(tmp_path):
+    cache = FrameCache(tmp_path, 1 << 20)
+    for kind, name in (("instances", "../x"), ("frames", "1.2/3"), ("other", "1.2"), ("instances", "")):
+        with pytest.raises(ValueError):
+            cache.path(kind, name)
+    assert cache.path("frames", "1.2.3-f2") == tmp_path / "frames" / "1.2.3-f2.dcm"
 
 
 @pytest.mark.parametrize("jpeg", [False, True])
@@ -73,17 +84,17 @@ def test_one_frame_of_a_clip_keeps_its_pixels_and_region_spacing(tmp_path, rows,
 
 def test_the_cache_stays_within_its_bound_and_keeps_recently_used_files(tmp_path):
     cache = FrameCache(tmp_path, max_bytes=2500)
-    for name in ("a", "b"):
+    for name in ("1.1", "1.2"):
         cache.get("instances", name, lambda: b"x" * 1000)
         time.sleep(0.01)
     old = time.time() - 100
-    os.utime(cache.path("instances", "b"), (old, old))  # b: least recently used
+    os.utime(cache.path("instances", "1.2"), (old, old))  # 1.2: least recently used
     calls = []
-    cache.get("instances", "a", lambda: calls.append(1) or b"")  # a hit: not made again
+    cache.get("instances", "1.1", lambda: calls.append(1) or b"")  # a hit: not made again
     assert not calls
-    cache.get("frames", "c", lambda: b"y" * 1000)
+    cache.get("frames", "1.3-f1", lambda: b"y" * 1000)
     assert cache.size() <= 2500
-    assert cache.path("instances", "a").exists() and not cache.path("instances", "b").exists()
+    assert cache.path("instances", "1.1").exists() and not cache.path("instances", "1.2").exists()
 
 
 @pytest.mark.parametrize("frame", [None, 2])

@@ -37,7 +37,7 @@ from thyroid_plugin.studies import InvalidRequestError, check_id, validate_image
 
 from . import reports
 from .client import ArchiveClient, ArchiveError, ArchiveNotFound
-from .frames import US_CLASSES, FrameCache, FrameRef, parse_image_id, refs_of_instance, single_frame_file
+from .frames import US_CLASSES, FrameCache, FrameRef, is_uid, parse_image_id, refs_of_instance, single_frame_file
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class ArchiveDatastore(Datastore):
                 study, series = _value(series_row, "0020000D"), _value(series_row, "0020000E")
                 uids += [(study, series, _value(row, "00080018")) for row in self.client.search_instances(study, series)]
         for study, series, sop in uids:
-            if not sop:
+            if not all(is_uid(u) for u in (study, series, sop)):
                 continue
             path = self.cache.get("reports", sop, lambda: self.client.retrieve_instance(study, series, sop))
             try:

@@ -35,6 +35,7 @@ US_MULTI_FRAME = ("1.2.840.10008.5.1.4.1.1.3.1", "1.2.840.10008.5.1.4.1.1.3")
 US_CLASSES = US_SINGLE_FRAME + US_MULTI_FRAME
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_CACHE_NAME = re.compile(r"^[0-9][0-9.]{0,63}(-f[1-9][0-9]{0,5})?$")
 _FRAME_ID = re.compile(r"^(?P<sop>[0-9.]+)-f(?P<frame>[1-9][0-9]{0,5})$")
 
 
@@ -59,6 +60,11 @@ class FrameRef:
                 "sop_class_uid": self.sop_class, "frame": self.frame or 1, "frames": self.n_frames}
 
 
+def is_uid(value) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID.match(value))
+
+
 def parse_image_id(image_id: str) -> tuple[str, Optional[int]]:
     """``(SOP instance UID, frame or None)`` of an archive image id.
 
@@ -68,7 +74,7 @@ def parse_image_id(image_id: str) -> tuple[str, Optional[int]]:
     m = _FRAME_ID.match(image_id or "")
     if m:
         return m.group("sop"), int(m.group("frame"))
-    if image_id and len(image_id) <= 64 and _UID.match(image_id):
+    if is_uid(image_id):
         return image_id, None
     raise ValueError(f"{image_id!r} is not an archive image id (a SOP instance UID, or UID-fN for frame N of a clip)")
 
@@ -82,8 +88,8 @@ def refs_of_instance(row: dict) -> list[FrameRef]:
 
     study, series, sop = value("0020000D"), value("0020000E"), value("00080018")
     sop_class = value("00080016", "")
-    if not (study and series and sop) or sop_class not in US_CLASSES:
-        return []
+    if not all(is_uid(u) for u in (study, series, sop)) or sop_class not in US_CLASSES:
+        return []  # (a UID names cache files and URL paths: nothing else is taken from the archive)
     try:
         n = max(1, int(value("00280008", 1) or 1))
     except (TypeError, ValueError):
@@ -136,6 +142,8 @@ class FrameCache:
         self._fetching: dict[str, threading.Lock] = {}
 
     def path(self, kind: str, name: str) -> Path:
+        if kind not in ("instances", "frames", "reports") or not _CACHE_NAME.match(name):
+            raise ValueError(f"not a cache file name: {kind}/{name!r}"[:200])
         return self.root / kind / f"{name}.dcm"
 
     def get(self, kind: str, name: str, make: Callable[[], bytes]) -> Path:
