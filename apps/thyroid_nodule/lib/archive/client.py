@@ -165,10 +165,6 @@ class ArchiveClient:
             raise ArchiveError(502, f"the archive {self.url} refused {len(failed)} of {len(datasets)} objects "
                                     f"(failure reason {', '.join(reasons)})")
 
-    def ping(self) -> None:
-        """Raise :class:`ArchiveError` unless the archive answers a search."""
-        self._call("search for studies", self._client.search_for_studies, limit=1)
-
     # ----------------------------------------------------------------------------- failures
     def _call(self, what: str, method, *args, **kwargs):
         try:

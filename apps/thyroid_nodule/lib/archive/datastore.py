@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import threading
 import time
 from typing import Any, Dict, List, Optional

@@ -20,7 +20,6 @@ confirmation is a new SR, and the latest per frame is the ground truth.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import io
 from dataclasses import dataclass
@@ -269,9 +268,6 @@ def dataset_bytes(ds) -> bytes:
     pydicom.dcmwrite(buf, ds, write_like_original=False)
     return buf.getvalue()
 
-
-def now_stamp() -> str:
-    return datetime.datetime.now().strftime("%Y%m%d%H%M%S")
 
 
 def codes_DCM():  # noqa: N802 (pydicom's name)
