@@ -272,3 +272,29 @@ def test_slicer_confirms_a_frame_loaded_from_the_pacs_by_its_uid(server, orthanc
                 if f.kind == "confirmed" and f.sop == ds.SOPInstanceUID]
     assert [f.label for f in findings] == ["malignant"]
     scene.Clear(1)
+
+
+def test_asynchronous_batch_stores_only_the_missing_results(server, orthanc, archive):
+    """The background batch (its own process, which opens the archive itself) writes the result
+    of the frame added since the last batch (test_adding_an_image...) and nothing else."""
+    import time
+
+    from lib.archive import reports
+
+    def result_srs() -> list:
+        return [u for u in archive_objects(orthanc, "SR") if retrieve(orthanc, u).SeriesDescription == reports.RESULT_SERIES]
+
+    before = result_srs()
+    r = requests.post(f"{server.url}/batch/infer/classify_nodule", json={"images": "all"}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = requests.get(f"{server.url}/batch/infer", timeout=TIMEOUT).json()
+        if status["status"] in ("DONE", "ERROR"):
+            break
+        time.sleep(1)
+    assert status["status"] == "DONE", status
+    after = result_srs()
+    assert len(after) == len(before) + 1
+    (new,) = set(after) - set(before)
+    assert "TN-0009" == retrieve(orthanc, new).PatientID
