@@ -298,3 +298,19 @@ def test_asynchronous_batch_stores_only_the_missing_results(server, orthanc, arc
     assert len(after) == len(before) + 1
     (new,) = set(after) - set(before)
     assert "TN-0009" == retrieve(orthanc, new).PatientID
+
+
+def test_a_final_label_with_a_diagnosis_confirms_and_other_labels_are_refused(server, archive):
+    image_id = archive.datasets["gray_b"].SOPInstanceUID
+    mask = open(archive.rows[5]["mask"], "rb").read()
+    r = requests.put(f"{server.url}/datastore/label", params={"image": image_id, "tag": "final"},
+                     files={"label": ("mask.png", mask, "image/png")},
+                     data={"params": json.dumps({"diagnosis": "benign", "roi": [40, 40, 200, 220]})}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    info = requests.get(f"{server.url}/datastore/image/info", params={"image": image_id}, timeout=TIMEOUT).json()
+    assert info["diagnosis"] == "benign" and info["roi"] == [40, 40, 200, 220]
+    r = requests.put(f"{server.url}/datastore/label", params={"image": image_id, "tag": "mine"},
+                     files={"label": ("mask.png", mask, "image/png")}, timeout=TIMEOUT)
+    assert r.status_code == 422 and "archive" in r.json()["detail"]
+    r = requests.get(f"{server.url}/datastore/label", params={"label": image_id, "tag": "original"}, timeout=TIMEOUT)
+    assert r.status_code == 404 and "stored in the archive" in r.json()["detail"]
