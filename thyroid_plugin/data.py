@@ -148,6 +148,8 @@ def datalist_from_datastore(source: Any, require_diagnosis: bool = True) -> list
         records = []
         for image_id in source.list_images():
             info = dict(source.get_image_info(image_id) or {})
+            if require_diagnosis and info.get(DIAGNOSIS_FIELD) is None:
+                continue  # not fetched: an archive-backed datastore downloads what get_image_uri names
             final = ""
             if hasattr(source, "get_label_uri"):
                 try:

@@ -3,6 +3,8 @@ dual-attention classifier), retrains it on confirmed cases and runs batch infere
 
 Start it with ``monailabel start_server --app apps/thyroid_nodule --studies STUDIES`` (see the
 repository README for every ``--conf`` option). Nothing is downloaded: no model zoo, no SAM2.
+``STUDIES`` is a folder, or the DICOMweb root of an archive (``http(s)://...``: the datastore of
+``lib/archive``, see the README's "Running against a PACS").
 
 MONAI Label's sessions (``/session/``: uploads kept under ``~/.cache/monailabel/sessions``, with
 archive extraction and client-chosen session ids used as paths) are turned off whatever
@@ -27,6 +29,8 @@ from thyroid_plugin.constants import CLASS_NAMES, TASK_NAME
 from thyroid_plugin.io import is_partial_file
 from thyroid_plugin.studies import ConfirmedCasesDatastore, StudiesFolderError, check_id
 
+from lib.archive import is_archive_url
+from lib.archive.settings import archive_datastore
 from lib.batch import PersistingBatchInfer
 from lib.configs.classify_nodule import ClassifyNoduleConfig
 
@@ -35,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 class ThyroidNoduleApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]) -> None:
-        if studies.startswith(("http://", "https://")):
-            raise ValueError("this app keeps confirmed cases in a local studies folder; give a folder, not a URL")
         self.model_dir = conf.get("model_dir", os.path.join(app_dir, "model"))
         self.task_config = ClassifyNoduleConfig()
         self.task_config.init(TASK_NAME, self.model_dir, conf, None)
@@ -51,7 +53,12 @@ class ThyroidNoduleApp(MONAILabelApp):
         )
         self._install_routes()
 
-    def init_datastore(self) -> ConfirmedCasesDatastore:
+    def init_datastore(self):
+        if is_archive_url(self.studies):  # a DICOMweb archive (PACS): lib/archive
+            try:
+                return archive_datastore(self.studies, self.conf)
+            except ValueError as e:
+                _fatal(f"cannot start: {e}")
         logger.info("studies folder: %s", self.studies)
         try:
             return ConfirmedCasesDatastore(

@@ -59,6 +59,10 @@ class PersistingBatchInfer(BatchInferTask):
             image_ids = image_ids[:limit]
         start = time.time()
         results: Dict[str, Any] = {}
+        stored = _results_already_stored(datastore, self.task, image_ids)
+        for image_id in stored:
+            results[image_id] = {"skipped": "the archive holds this model's result for the frame already"}
+        image_ids = [i for i in image_ids if i not in stored]
         done = 0
         for offset in range(0, len(image_ids), batch_size):
             chunk = image_ids[offset : offset + batch_size]
@@ -96,8 +100,18 @@ class PersistingBatchInfer(BatchInferTask):
             print(f"[batch] {done}/{len(image_ids)} images", flush=True)
         failed = sum(1 for r in results.values() if "error" in r)
         logger.info("batch inference of %d images in %.1fs, %d failed", len(image_ids), time.time() - start, failed)
-        return {"total": len(image_ids), "failed": failed, "label_tag": tag, "results": results,
-                "seconds": round(time.time() - start, 2)}
+        return {"total": len(image_ids) + len(stored), "failed": failed, "skipped": len(stored), "label_tag": tag,
+                "results": results, "seconds": round(time.time() - start, 2)}
+
+
+def _results_already_stored(datastore: Datastore, task: ClassifyNodule, image_ids) -> set:
+    """Images whose result by the served model the datastore holds already: an archive
+    (``lib.archive``) writes a result once per model and frame, so those are not classified again."""
+    has_result = getattr(datastore, "has_result", None)
+    if has_result is None or not image_ids:
+        return set()
+    model = task.predictor().model_id
+    return {image_id for image_id in image_ids if has_result(image_id, model)}
 
 
 def _count_option(request: Dict[str, Any], key: str, default: int) -> int:

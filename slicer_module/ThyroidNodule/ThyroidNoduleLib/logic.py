@@ -63,6 +63,8 @@ CLASS_NAMES = ("benign", "malignant")
 ATTR_IMAGE_ID = "ThyroidNodule.ServerImageId"
 #: volume attribute: the server (base URL) that id belongs to
 ATTR_SERVER = "ThyroidNodule.ServerUrl"
+#: volume attribute 3D Slicer's DICOM module sets: the SOP Instance UIDs the volume was loaded from
+ATTR_DICOM_UIDS = "DICOM.instanceUIDs"
 _ID_CHARS = re.compile(r"[^A-Za-z0-9._()+\- ]")
 _TRAIN_LINE = re.compile(r"\[train\] epoch (\d+)/(\d+)(?: step (\d+)/(\d+))?(.*)")
 _BATCH_LINE = re.compile(r"\[batch\] (\d+)/(\d+) images")
@@ -317,6 +319,17 @@ def server_image_id(name: str, data: bytes) -> str:
     return f"{base[:100]}-{hashlib.sha256(data).hexdigest()[:8]}"
 
 
+def dicom_image_id(volume) -> Optional[str]:
+    """The SOP Instance UID of a single frame loaded from DICOM (a PACS) in Slicer's DICOM
+    module: the image id of that frame on a server that serves the archive (the server then
+    needs no upload; a server with a studies folder answers 404 and the frame is uploaded under
+    this id)."""
+    uids = (volume.GetAttribute(ATTR_DICOM_UIDS) or "").split()
+    if len(uids) == 1 and re.fullmatch(r"[0-9]+(\.[0-9]+)*", uids[0]) and len(uids[0]) <= 64:
+        return uids[0]
+    return None
+
+
 class NoduleLogic:
     """The module's logic over one MRML scene and one server.
 
@@ -547,7 +560,7 @@ class NoduleLogic:
         server = volume.GetAttribute(ATTR_SERVER)
         if image_id and self.client is not None and server == self.client.base_url:
             return image_id
-        return None
+        return dicom_image_id(volume)
 
     def prepare_confirmation(self, volume, diagnosis: str, segmentation=None, roi=None) -> PreparedConfirmation:
         """Everything a confirmation sends, read from the scene (main thread).
