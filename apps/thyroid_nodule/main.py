@@ -109,8 +109,10 @@ class ThyroidNoduleApp(MONAILabelApp):
         if server is None or not hasattr(server, "app"):
             return
         from lib import routes
+        from lib.trainers.classify_nodule import check_train_options
 
         self._remove_partial_models()
+        timeouts = {k: float(self.conf[k]) for k in routes.DEFAULT_TIMEOUTS if k in self.conf}
         routes.install(
             server.app,
             known_models=lambda: set(self._infers),
@@ -120,6 +122,9 @@ class ThyroidNoduleApp(MONAILabelApp):
             max_upload_mb=int(self.conf.get("max_upload_mb", 64)),
             install_model=lambda model, path: self.task_config.install_model(path),
             remove_model=self._remove_model,
+            check_train_options=check_train_options,
+            studies=self.studies,
+            timeouts=timeouts,
         )
 
     def _remove_model(self, model: str) -> Dict[str, str]:
