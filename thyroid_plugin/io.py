@@ -29,7 +29,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .errors import ImageTooLargeError, InvalidImageError
+from .errors import ImageTooLargeError, InvalidImageError, client_text
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -50,8 +50,6 @@ PathLike = Union[str, os.PathLike]
 #: largest frame accepted (width x height x frames), checked before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 40_000_000
 _MIN_SIDE = 8
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _RASTER = {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF"}
 _MASK_SUFFIX = {"png": ".png", "jpeg": ".png", "bmp": ".bmp", "tiff": ".tif", "dicom": ".dcm", "nifti": ".nii.gz", "nrrd": ".nrrd"}
@@ -103,20 +101,25 @@ class UltrasoundImage:
 def to_network_channels(array: np.ndarray) -> np.ndarray:
     """``(H, W)`` or ``(H, W, 3)`` pixels -> ``(3, H, W)`` float32 in ``[0, 1]``.
 
-    8-bit data is divided by 255; other types are scaled by the frame's own min and max.
+    8-bit data is divided by 255; other types are scaled by the frame's own min and max. Each
+    channel is written straight into the result: no full-size temporary (a 40-megapixel frame
+    takes 480 MB here and nothing more).
     """
     a = np.asarray(array)
     if a.dtype == np.uint8:
-        f = a.astype(np.float32) / 255.0
+        lo, scale = 0.0, 1.0 / 255.0
     else:
-        f = a.astype(np.float32)
-        lo, hi = float(np.min(f)), float(np.max(f))
-        f = (f - lo) / (hi - lo) if hi > lo else np.zeros_like(f)
-    if f.ndim == 2:
-        f = np.repeat(f[None], 3, axis=0)
-    else:
-        f = np.ascontiguousarray(np.moveaxis(f, -1, 0))
-    return f
+        lo, hi = float(np.min(a)), float(np.max(a))
+        scale = 1.0 / (hi - lo) if hi > lo else 0.0
+    planes = [a] * 3 if a.ndim == 2 else [a[..., c] for c in range(a.shape[-1])]
+    out = np.empty((len(planes),) + a.shape[:2], dtype=np.float32)
+    for c, plane in enumerate(planes):
+        if c > 0 and plane is planes[0]:
+            out[c] = out[0]
+            continue
+        np.subtract(plane, lo, out=out[c], casting="unsafe")
+        out[c] *= scale
+    return out
 
 
 # ----------------------------------------------------------------------------------------- detect
@@ -208,7 +211,8 @@ def load_image(path: PathLike, frame: Optional[int] = None, max_pixels: int = DE
     except MemoryError:
         raise ImageTooLargeError("the image is too large to decode") from None
     except Exception as e:  # any decoder failure on a damaged file is the file's fault
-        detail = _first_line(e).replace(path, os.path.basename(path))  # no server paths in messages
+        # no server paths, temporary file names or object addresses in messages
+        detail = client_text(_first_line(e).replace(path, "the file").replace(os.path.basename(path), "the file"))
         raise InvalidImageError(f"cannot decode this {fmt.upper()} file ({type(e).__name__}: {detail})") from None
     image.path = path
     _check_frame(image)
@@ -250,17 +254,30 @@ def _count(shape) -> int:
     return math.prod(shape)
 
 
-def _nrrd_itemsize(kind: str) -> int:
-    kind = str(kind).strip().lower()
-    if kind in ("double", "int64", "int64_t", "uint64", "uint64_t", "longlong", "long long", "long long int",
-                "signed long long", "signed long long int", "ulonglong", "unsigned long long", "unsigned long long int"):
-        return 8
-    if kind in ("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
-                "unsigned short", "unsigned short int", "uint16", "uint16_t"):
-        return 2
-    if kind in ("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t", "block"):
-        return 1
-    return 4
+#: NRRD type names (the spec's spellings) -> numpy type codes
+_NRRD_TYPES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t"), "i1"),
+    **dict.fromkeys(("uchar", "unsigned char", "uint8", "uint8_t"), "u1"),
+    **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t"), "i2"),
+    **dict.fromkeys(("ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"), "u2"),
+    **dict.fromkeys(("int", "signed int", "int32", "int32_t"), "i4"),
+    **dict.fromkeys(("uint", "unsigned int", "uint32", "uint32_t"), "u4"),
+    **dict.fromkeys(("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
+                     "int64_t"), "i8"),
+    **dict.fromkeys(("ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t"), "u8"),
+    "float": "f4",
+    "double": "f8",
+}
+
+
+def _nrrd_dtype(header: dict) -> np.dtype:
+    kind = str(header.get("type", "")).strip().lower()
+    if kind not in _NRRD_TYPES:
+        raise InvalidImageError(f"unsupported NRRD pixel type {kind[:40]!r}")
+    dtype = np.dtype(_NRRD_TYPES[kind])
+    if dtype.itemsize > 1:
+        dtype = dtype.newbyteorder(">" if str(header.get("endian", "little")).lower() == "big" else "<")
+    return dtype
 
 
 def _check_frame(image: UltrasoundImage) -> None:
@@ -273,6 +290,18 @@ def _check_frame(image: UltrasoundImage) -> None:
         raise InvalidImageError(f"unsupported pixel type {a.dtype}")
     if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
         raise InvalidImageError("the image contains NaN or infinite values")
+    _check_geometry(np.asarray(image.affine, dtype=float))
+
+
+def _check_geometry(affine: np.ndarray) -> None:
+    """Finite origin, spacing and directions, and three independent axes: a mask written back and
+    the geometry in a JSON answer (which has no NaN) depend on it."""
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InvalidImageError("the image's geometry (origin, spacing or directions) has NaN or infinite values")
+    axes = affine[:3, :3]
+    lengths = np.linalg.norm(axes, axis=0)
+    if np.any(lengths <= 0) or abs(np.linalg.det(axes)) <= 1e-9 * float(np.prod(lengths)):
+        raise InvalidImageError("the image's geometry is singular (a zero pixel spacing or parallel directions)")
 
 
 def _load_raster(path: str, fmt: str, frame: Optional[int], max_pixels: int) -> UltrasoundImage:
@@ -293,7 +322,7 @@ def _load_raster(path: str, fmt: str, frame: Optional[int], max_pixels: int) -> 
                 img.seek(frame)
             mode = img.mode
             if mode in ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L", "I", "F"):
-                if mode in ("1", "L", "I;16", "I;16B", "I;16L", "I", "F"):
+                if mode in ("1", "L", "I;16", "I;16B", "I;16L", "I", "F", "RGB"):  # RGB: no converted copy
                     array = np.array(img)
                 elif mode == "LA":
                     array = np.array(img.convert("L"))
@@ -320,6 +349,7 @@ def _is_gray_rgb(array: np.ndarray) -> bool:
 def _load_dicom(path: str, frame: Optional[int], max_pixels: int) -> UltrasoundImage:
     import pydicom
 
+    _check_deflated_dicom(path, max_pixels)
     ds = pydicom.dcmread(path, force=True)
     if "PixelData" not in ds:
         raise InvalidImageError("the DICOM file has no pixel data (not an image object)")
@@ -358,6 +388,39 @@ def _load_dicom(path: str, frame: Optional[int], max_pixels: int) -> UltrasoundI
     array = np.ascontiguousarray(pixels)
     affine = _dicom_affine(ds, index)
     return UltrasoundImage(array=array, affine=affine, format="dicom", header={"dataset": ds, "frame": index})
+
+
+_DEFLATED_EXPLICIT_VR_LE = b"1.2.840.10008.1.2.1.99"
+#: file meta elements whose length field has 4 bytes (after 2 reserved ones)
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def _check_deflated_dicom(path: str, max_pixels: int) -> None:
+    """Refuse a Deflated Explicit VR Little Endian dataset that inflates past the largest allowed
+    frame: pydicom inflates the whole dataset while reading it, before Rows and Columns can be
+    checked, so a few hundred bytes could take gigabytes. Inflating here only counts, in 1 MB
+    steps, and stops at the limit."""
+    with open(path, "rb") as fh:
+        if fh.read(132)[128:132] != b"DICM":
+            return  # no file meta: the dataset cannot be deflated
+        syntax = None
+        while True:  # the group 0002 elements (explicit VR little endian), each at least 8 bytes
+            head = fh.read(8)
+            if len(head) < 8 or head[:2] != b"\x02\x00":
+                fh.seek(-len(head), os.SEEK_CUR)
+                break
+            vr = head[4:6]
+            if vr in _LONG_VRS:
+                extra = fh.read(4)
+                length = int.from_bytes(extra, "little") if len(extra) == 4 else 0
+            else:
+                length = int.from_bytes(head[6:8], "little")
+            value = fh.read(min(length, 256)) if head[2:4] == b"\x10\x00" else b""
+            if value:
+                syntax = value.rstrip(b"\x00 ")
+            fh.seek(length - len(value), os.SEEK_CUR)
+        if syntax == _DEFLATED_EXPLICIT_VR_LE:
+            _bounded_decompress(fh, "deflate", _BYTES_PER_PIXEL * max_pixels + _DECODE_SLACK, keep=False)
 
 
 def _dicom_already_rgb(ds) -> bool:
@@ -460,17 +523,20 @@ def _load_nifti(path: str, max_pixels: int) -> UltrasoundImage:
 def _load_nrrd(path: str, max_pixels: int) -> UltrasoundImage:
     import nrrd
 
-    header = nrrd.read_header(path)
-    if "data file" in header or "datafile" in header:
-        # the data would be read from another file named by the header: any file on the server
-        raise InvalidImageError("NRRD files whose data is in a separate file ('data file:') are not accepted; "
-                                "save the image as one .nrrd file")
-    sizes = [int(s) for s in header.get("sizes", [])]
-    n_values = _count(sizes)
-    _check_size(n_values, max_pixels * 3)
-    _check_bytes(n_values * _nrrd_itemsize(header.get("type", "uint8")), max_pixels)
+    with open(path, "rb") as fh:
+        header = nrrd.read_header(fh)  # leaves fh at the first byte after the header
+        if "data file" in header or "datafile" in header:
+            # the data would be read from another file named by the header: any file on the server
+            raise InvalidImageError("NRRD files whose data is in a separate file ('data file:') are not accepted; "
+                                    "save the image as one .nrrd file")
+        sizes = [int(s) for s in header.get("sizes", [])]
+        n_values = _count(sizes)
+        _check_size(n_values, max_pixels * 3)
+        dtype = _nrrd_dtype(header)
+        _check_bytes(n_values * dtype.itemsize, max_pixels)
+        values = _read_nrrd_values(fh, header, dtype, n_values)
     kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(sizes))]
-    data, header = nrrd.read(path, index_order="F")  # data[axis0, axis1, ...] in file axis order
+    data = values.reshape(tuple(reversed(sizes))).T  # data[axis0, axis1, ...] in file axis order
     vector_axes = [n for n, k in enumerate(kinds) if k not in ("domain", "space", "time")]
     domain_axes = [n for n in range(len(sizes)) if n not in vector_axes]
     if len(vector_axes) > 1:
@@ -513,6 +579,115 @@ def _load_nrrd(path: str, max_pixels: int) -> UltrasoundImage:
     return UltrasoundImage(array=array, affine=affine, format="nrrd", header={"nrrd": header, "domain_axes": domain_axes, "sizes": sizes})
 
 
+#: how far a compressed stream (NRRD data, a deflated DICOM dataset) may expand beyond the size its header
+#: declares before it is taken for a decompression bomb (trailing padding some writers add)
+_DECODE_SLACK = 1 << 20
+_NRRD_TEXT = ("ascii", "text", "txt")
+
+
+def _read_nrrd_values(fh, header: dict, dtype: np.dtype, n_values: int) -> np.ndarray:
+    """The ``n_values`` pixel values that follow an attached NRRD header (``fh`` just after it).
+
+    Written here rather than with ``nrrd.read_data`` (pynrrd 1.1), which skips ``line skip``
+    lines one ``readline`` at a time (10^12 of them keep a core busy for good) and unpacks a
+    whole gzip/bzip2 stream before comparing its size with the header (a 1 kB bomb takes
+    gigabytes): here every skip is bounded by the file, and decompression stops as soon as the
+    stream grows past what the header promised plus :data:`_DECODE_SLACK`.
+    """
+    encoding = str(header.get("encoding", "raw")).strip().lower()
+    line_skip = int(header.get("line skip", header.get("lineskip", 0)))
+    byte_skip = int(header.get("byte skip", header.get("byteskip", 0)))
+    if line_skip < 0 or byte_skip < -1:
+        raise InvalidImageError(f"invalid NRRD 'line skip' {line_skip} or 'byte skip' {byte_skip}")
+    _skip_lines(fh, line_skip)
+    n_bytes = n_values * dtype.itemsize
+    if encoding == "raw":
+        data = _read_raw(fh, byte_skip, n_bytes)
+    elif encoding in ("gzip", "gz", "bzip2", "bz2"):
+        skip = max(byte_skip, 0)
+        data = _bounded_decompress(fh, encoding, skip + n_bytes + _DECODE_SLACK)
+        if len(data) < skip + n_bytes:
+            raise InvalidImageError(f"the NRRD data holds {max(len(data) - skip, 0)} bytes, its header declares {n_bytes}")
+        data = data[-n_bytes:] if byte_skip == -1 else data[skip:skip + n_bytes]
+    elif encoding in _NRRD_TEXT:
+        if byte_skip == -1:
+            raise InvalidImageError("'byte skip: -1' is not valid for text-encoded NRRD data")
+        _seek_forward(fh, byte_skip)
+        text = fh.read(n_values * 40 + _DECODE_SLACK)  # 40 characters per value is plenty; never the whole file
+        values = np.array(text.split()[:n_values], dtype=np.float64)
+        if values.size < n_values:
+            raise InvalidImageError(f"the NRRD data holds {values.size} values, its header declares {n_values}")
+        return values.astype(dtype.newbyteorder("="))
+    else:
+        raise InvalidImageError(f"unsupported NRRD encoding {encoding[:40]!r}")
+    return np.frombuffer(data, dtype, count=n_values).astype(dtype.newbyteorder("="))
+
+
+def _skip_lines(fh, n: int) -> None:
+    """Move past ``n`` newlines, reading the file in 1 MB blocks (never more reads than the file
+    has megabytes)."""
+    while n > 0:
+        block = fh.read(1 << 20)
+        if not block:
+            raise InvalidImageError("the NRRD header's 'line skip' goes past the end of the file")
+        count = block.count(b"\n")
+        if count >= n:
+            end = int(np.flatnonzero(np.frombuffer(block, np.uint8) == 10)[n - 1]) + 1
+            fh.seek(end - len(block), os.SEEK_CUR)
+            return
+        n -= count
+
+
+def _remaining(fh) -> int:
+    return os.fstat(fh.fileno()).st_size - fh.tell()
+
+
+def _seek_forward(fh, n_bytes: int) -> None:
+    if n_bytes > _remaining(fh):
+        raise InvalidImageError("the NRRD header's 'byte skip' goes past the end of the file")
+    fh.seek(n_bytes, os.SEEK_CUR)
+
+
+def _read_raw(fh, byte_skip: int, n_bytes: int) -> bytes:
+    if byte_skip == -1:  # the data is the end of the file
+        fh.seek(max(_remaining(fh) - n_bytes, 0), os.SEEK_CUR)
+    else:
+        _seek_forward(fh, byte_skip)
+    available = _remaining(fh)
+    if available < n_bytes:
+        raise InvalidImageError(f"the NRRD file holds {available} bytes of data, its header declares {n_bytes}")
+    return fh.read(n_bytes)
+
+
+def _bounded_decompress(fh, encoding: str, limit: int, keep: bool = True) -> bytearray:
+    """Unpack a gzip, bzip2 or raw deflate (``"deflate"``) stream from ``fh`` in 1 MB steps; more
+    than ``limit`` bytes out is a decompression bomb (:class:`ImageTooLargeError`), found after at
+    most ``limit`` bytes. ``keep=False`` only counts (nothing is kept)."""
+    import bz2
+    import zlib
+
+    is_zlib = encoding != "bzip2" and encoding != "bz2"
+    if is_zlib:
+        d = zlib.decompressobj(-zlib.MAX_WBITS if encoding == "deflate" else zlib.MAX_WBITS | 32)
+    else:
+        d = bz2.BZ2Decompressor()
+    out, size, pending = bytearray(), 0, b""
+    while not d.eof:
+        if not pending and (is_zlib or d.needs_input):
+            pending = fh.read(1 << 20)
+            if not pending:
+                break
+        piece = d.decompress(pending, min(1 << 22, limit + 1 - size))  # never 0 ("no limit" to zlib)
+        size += len(piece)
+        if keep:
+            out += piece
+        pending = d.unconsumed_tail if is_zlib else b""
+        if size > limit:
+            raise ImageTooLargeError(f"the compressed data expands to more than the {limit / 1e6:.0f} MB its header "
+                                     "allows (a decompression bomb)")
+    return out
+
+
 # ------------------------------------------------------------------------------------------ write
 def mask_suffix(image: UltrasoundImage) -> str:
     """File suffix of the mask written for ``image`` (``.png``, ``.nrrd``, ...)."""
@@ -540,7 +715,7 @@ def _atomic_write(path: PathLike, write, before_replace=None) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)[:96]}.", suffix=PARTIAL_SUFFIX, dir=directory)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fp:
             write(fp)
             fp.flush()
@@ -553,6 +728,36 @@ def _atomic_write(path: PathLike, write, before_replace=None) -> None:
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def process_umask() -> int:
+    """The process's file mode creation mask, read without changing it.
+
+    Linux reports it in ``/proc/self/status`` (``Umask:``, read each time: cheap, and current).
+    Without ``/proc`` the only way is to set it and set it back, which for that instant changes
+    it for every thread, so that is done once and remembered."""
+    global _UMASK_WITHOUT_PROC
+    mask = _umask_from_proc()
+    if mask is not None:
+        return mask
+    if _UMASK_WITHOUT_PROC is None:
+        _UMASK_WITHOUT_PROC = os.umask(0o022)
+        os.umask(_UMASK_WITHOUT_PROC)
+    return _UMASK_WITHOUT_PROC
+
+
+_UMASK_WITHOUT_PROC: Optional[int] = None
+
+
+def _umask_from_proc() -> Optional[int]:
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fp:
+            for line in fp:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _fsync_directory(directory: str) -> None:

@@ -37,7 +37,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import ImageNotFoundException
 
 from .constants import CLASS_NAMES, DIAGNOSIS_FIELD, label_index
-from .errors import ThyroidPluginError
+from .errors import ThyroidPluginError, short_repr
 from .io import atomic_copy_file, atomic_write_bytes, detect_format, is_partial_file, load_image
 
 logger = logging.getLogger(__name__)
@@ -111,27 +111,35 @@ def _check_finite(value: Any, what: str = "info") -> None:
 
 def check_id(value: str, what: str = "image id") -> str:
     """Return ``value`` if it is a safe id, else raise :class:`InvalidRequestError`."""
-    if not isinstance(value, str) or not _ID.match(value) or ".." in value or value != value.strip():
+    if not isinstance(value, str) or not _ID.fullmatch(value) or ".." in value or value != value.strip():
         shown = repr(value)[:80]
         raise InvalidRequestError(f"invalid {what} {shown}: use up to 128 letters, digits, spaces and ._-()+, no path separators")
     return value
 
 
 def check_tag(value: str) -> str:
-    if not isinstance(value, str) or not _TAG.match(value):
+    if not isinstance(value, str) or not _TAG.fullmatch(value):  # fullmatch: "$" would let "final\n" in
         raise InvalidRequestError(f"invalid label tag {repr(value)[:80]}: use letters, digits, _ and -")
     return value
 
 
-def validate_image_info(info: Mapping[str, Any]) -> Dict[str, Any]:
+#: info fields the datastore keeps itself (when the file was stored, under which name)
+SERVER_FIELDS = ("ts", "name")
+
+
+def validate_image_info(info: Mapping[str, Any], shape: Optional[tuple] = None) -> Dict[str, Any]:
     """Check the fields this app reads from image info; returns a normalised copy.
 
-    ``diagnosis`` must be benign/malignant (or null to withdraw it); ``roi`` four numbers;
-    ``case`` and ``centre`` short strings.
+    ``diagnosis`` must be benign/malignant (or null to withdraw it); ``roi`` four finite numbers
+    that cover at least 8x8 pixels of the frame (of ``shape`` ``(H, W)`` when given); ``case`` and
+    ``centre`` short strings; ``ts`` and ``name`` are the server's (refused).
     """
     if not isinstance(info, Mapping):
         raise InvalidRequestError("info must be a JSON object")
     _check_finite(info)
+    kept = sorted(set(info) & set(SERVER_FIELDS))
+    if kept:
+        raise InvalidRequestError(f"{', '.join(kept)} are kept by the server and cannot be set")
     out = dict(info)
     if DIAGNOSIS_FIELD in out and out[DIAGNOSIS_FIELD] is not None:
         try:
@@ -139,16 +147,37 @@ def validate_image_info(info: Mapping[str, Any]) -> Dict[str, Any]:
         except ValueError:
             raise InvalidRequestError(f"diagnosis must be one of {list(CLASS_NAMES)}, got {out[DIAGNOSIS_FIELD]!r}") from None
     if out.get("roi") is not None:
-        roi = out["roi"]
-        if not isinstance(roi, (list, tuple)) or len(roi) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in roi):
-            raise InvalidRequestError(f"roi must be [x0, y0, x1, y1] in pixels, got {roi!r}"[:200])
-        out["roi"] = [float(v) for v in roi]
+        out["roi"] = _check_roi(out["roi"], shape)
     for key in ("case", "centre"):
         if key in out and out[key] is not None:
             if not isinstance(out[key], (str, int)) or len(str(out[key])) > 128:
                 raise InvalidRequestError(f"{key} must be a short string")
             out[key] = str(out[key])
     return out
+
+
+#: no frame side comes near this many pixels (``roi`` values beyond it are refused)
+_MAX_COORDINATE = 1e7
+
+
+def _check_roi(roi: Any, shape: Optional[tuple]) -> list:
+    from .errors import InvalidROIError
+    from .transforms import normalize_roi
+
+    if (not isinstance(roi, (list, tuple)) or len(roi) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in roi)):
+        raise InvalidRequestError(f"roi must be [x0, y0, x1, y1] in pixels, got {short_repr(roi)}")
+    try:
+        values = [float(v) for v in roi]
+    except OverflowError:
+        values = [math.inf]
+    if not all(math.isfinite(v) and abs(v) <= _MAX_COORDINATE for v in values):
+        raise InvalidRequestError(f"roi values must be pixel positions (at most {_MAX_COORDINATE:.0e}), got {short_repr(roi)}")
+    try:
+        normalize_roi(values, shape or (int(_MAX_COORDINATE), int(_MAX_COORDINATE)))
+    except InvalidROIError as e:
+        raise InvalidRequestError(str(e)) from None
+    return values
 
 
 class ConfirmedCasesDatastore(LocalDatastore):
@@ -194,12 +223,35 @@ class ConfirmedCasesDatastore(LocalDatastore):
     # ----------------------------------------------------------- one truth: the file on disk
     def _sync(self) -> None:
         """Reload the datastore JSON if another process replaced it since we last read it."""
+        # inode, nanoseconds and size: two writes within the file system's timestamp granularity
+        # (or one that keeps the mtime) still differ in inode, since every write is a rename
         try:
-            ts = os.stat(self._datastore_config_path).st_mtime
+            ts = _file_stat(self._datastore_config_path)
         except FileNotFoundError:
             return
         if ts != self._config_ts:
             self._init_from_datastore_file()
+
+    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
+        """Read the datastore JSON if it differs from the version in memory (MONAI Label compares
+        float ``st_mtime``, which two quick writes can share). The stamp comes from the open file,
+        so it is the stamp of the version read, even if the file is replaced meanwhile."""
+        from filelock import FileLock
+        from monailabel.datastore.local import LocalDatastoreModel
+
+        try:
+            with FileLock(self._lock_file), open(self._datastore_config_path, "rb") as fp:
+                stamp = _stat_stamp(os.fstat(fp.fileno()))
+                if stamp != self._config_ts:
+                    model = LocalDatastoreModel.model_validate_json(fp.read())
+                    model.base_path = self._datastore_path
+                    self._datastore, self._config_ts = model, stamp
+        except FileNotFoundError:
+            return
+        except ValueError as e:
+            logger.error("cannot read the datastore file: %s", _first_line(e))
+            if throw_exception:
+                raise
 
     def _locked_update(self, method, *args):
         # Our own lock file (MONAI Label's ``.lock`` is taken again inside the base methods, by
@@ -283,8 +335,9 @@ class ConfirmedCasesDatastore(LocalDatastore):
             check_id(image_id)
         else:
             image_id = check_id(self._to_id(os.path.basename(image_filename))[0])
-        info = validate_image_info(image_info or {})
-        load_image(image_filename)  # only readable 2D frames enter the store (InvalidImageError otherwise)
+        image = load_image(image_filename)  # only readable 2D frames enter the store (InvalidImageError otherwise)
+        info = validate_image_info(image_info or {}, image.shape)
+        del image
         # the stored file's extension says what it is (else the datastore would not find it
         # again after a restart), whatever the upload was called
         ext = _suffixes_of(image_filename)[0]
@@ -310,10 +363,11 @@ class ConfirmedCasesDatastore(LocalDatastore):
         check_tag(label_tag)
         info = dict(label_info or {})
         _check_finite(info, "label info")
+        image = self._stored_image(image_id)
+        _check_label_fits(load_image(label_filename), image)  # a readable 2D mask on the image's grid
         confirms = info.get(DIAGNOSIS_FIELD) is not None
-        if confirms:
-            info = validate_image_info(info)
-        load_image(label_filename)  # a readable 2D mask (InvalidImageError otherwise)
+        info = validate_image_info(info, image.shape)
+        del image
         ext = _suffixes_of(label_filename)[0]
         return self._locked_update(self._store_label, image_id, label_filename, label_tag, ext, info, confirms)
 
@@ -343,13 +397,24 @@ class ConfirmedCasesDatastore(LocalDatastore):
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         check_id(image_id)
-        return self._locked_update(super().update_image_info, image_id, validate_image_info(info))
+        shape = None
+        if isinstance(info, Mapping) and info.get("roi") is not None:
+            shape = self._stored_image(image_id).shape  # the box must lie on this image
+        return self._locked_update(super().update_image_info, image_id, validate_image_info(info, shape))
 
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
         check_id(label_id, "label id")
         check_tag(label_tag)
-        _check_finite(info, "label info")
+        info = validate_image_info(info)  # the same rules for diagnosis, roi, ts and name
         return self._locked_update(super().update_label_info, label_id, label_tag, info)
+
+    def _stored_image(self, image_id: str):
+        """The stored frame of ``image_id`` (:class:`ImageNotFoundException` if there is none)."""
+        self._sync()
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            raise ImageNotFoundException(f"Image {image_id} not found")
+        return load_image(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext)))
 
     def get_image_uri(self, image_id: str) -> str:
         check_id(image_id)
@@ -379,13 +444,33 @@ class ConfirmedCasesDatastore(LocalDatastore):
             self._ignore_event_config = True
             payload = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             atomic_write_bytes(self._datastore_config_path, payload.encode())
-            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+            self._config_ts = _file_stat(self._datastore_config_path)
 
         if lock:
             with FileLock(self._lock_file):
                 write()
         else:
             write()
+
+
+def _check_label_fits(label, image) -> None:
+    """A label is a mask of its image: the same pixel grid; a DICOM mask only for a DICOM image
+    (it carries the patient and geometry of its source)."""
+    if label.shape != image.shape:
+        (h, w), (ih, iw) = label.shape, image.shape
+        raise InvalidRequestError(f"the label is {w}x{h} pixels, its image {iw}x{ih}: a label must be on the image's "
+                                  "pixel grid")
+    if label.format == "dicom" and image.format != "dicom":
+        raise InvalidRequestError(f"a DICOM label belongs to a DICOM image; this image is {image.format.upper()}: "
+                                  "send the mask as PNG or NRRD")
+
+
+def _stat_stamp(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _file_stat(path: str) -> tuple:
+    return _stat_stamp(os.stat(path))
 
 
 def _remove_quietly(path: str) -> None:

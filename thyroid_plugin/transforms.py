@@ -25,7 +25,7 @@ from monai.transforms import (
     Resized,
 )
 
-from .errors import InvalidROIError
+from .errors import InvalidROIError, short_repr
 from .io import DEFAULT_MAX_PIXELS, UltrasoundImage, load_image, to_network_channels
 
 __all__ = [
@@ -60,13 +60,15 @@ def normalize_roi(roi, shape: tuple[int, int]) -> Optional[tuple[int, int, int, 
     if roi is None or (isinstance(roi, (list, tuple)) and len(roi) == 0):
         return None
     if isinstance(roi, str) or not hasattr(roi, "__len__") or len(roi) != 4:
-        raise InvalidROIError(f"roi must be [x0, y0, x1, y1] (4 numbers), got {roi!r}")
+        raise InvalidROIError(f"roi must be [x0, y0, x1, y1] (4 numbers), got {short_repr(roi)}")
     try:
         values = [float(v) for v in roi]
     except (TypeError, ValueError):
-        raise InvalidROIError(f"roi must hold 4 numbers, got {roi!r}") from None
+        raise InvalidROIError(f"roi must hold 4 numbers, got {short_repr(roi)}") from None
+    except OverflowError:  # an integer beyond any float
+        values = [np.inf]
     if not all(np.isfinite(values)):
-        raise InvalidROIError(f"roi values must be finite, got {roi!r}")
+        raise InvalidROIError(f"roi values must be finite numbers, got {short_repr(roi)}")
     x0, x1 = sorted(values[0::2])
     y0, y1 = sorted(values[1::2])
     h, w = shape
@@ -124,11 +126,18 @@ class CropROId(MapTransform):
     Items without a box pass unchanged. The box actually used (clipped) is stored as
     ``{key}_meta_dict["roi"]`` (``[0, 0, W, H]`` when there was none), which inference uses to
     paste the saliency back into the full frame.
+
+    With ``max_side``, a crop longer than that on a side is then shrunk by the smallest integer
+    factor that brings it within, averaging blocks of pixels: the anti-aliased resize that
+    follows would otherwise smooth the whole large frame (a 6000 x 6000 frame took 23 s and
+    gigabytes of memory); its result on the shrunk crop is nearly the same.
     """
 
-    def __init__(self, keys: KeysCollection = "image", roi_key: str = "roi", allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection = "image", roi_key: str = "roi", max_side: Optional[int] = None,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.roi_key = roi_key
+        self.max_side = max_side
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -139,18 +148,32 @@ class CropROId(MapTransform):
             meta = d.setdefault(f"{key}_meta_dict", {})
             if box is None:
                 meta["roi"] = np.asarray([0, 0, w, h])
-                continue
-            x0, y0, x1, y1 = box
-            d[key] = img[..., y0:y1, x0:x1]
-            meta["roi"] = np.asarray(box)
+            else:
+                x0, y0, x1, y1 = box
+                img = img[..., y0:y1, x0:x1]
+                meta["roi"] = np.asarray(box)
+            d[key] = self._shrink(img)
         return d
+
+    def _shrink(self, img):
+        side = max(int(img.shape[-2]), int(img.shape[-1]))
+        if self.max_side is None or side <= self.max_side:
+            return img
+        factor = -(-side // int(self.max_side))
+        x = torch.as_tensor(img, dtype=torch.float32)
+        return torch.nn.functional.avg_pool2d(x[None], kernel_size=factor, stride=factor, ceil_mode=True)[0]
+
+
+#: crops longer than this on a side are shrunk by block averaging before the final resize
+#: (:class:`CropROId`); ultrasound frames are smaller, so only oversized uploads are affected
+SHRINK_ABOVE = 2048
 
 
 def preprocess_transforms(image_size: int, keys: Sequence[str] = ("image",)) -> list:
-    """Deterministic part: load, crop to the box, resize to ``image_size x image_size``."""
+    """Deterministic part: load, crop to the box (large crops shrunk), resize to ``image_size x image_size``."""
     return [
         LoadUltrasoundd(keys),
-        CropROId(keys),
+        CropROId(keys, max_side=max(SHRINK_ABOVE, 4 * int(image_size))),
         Resized(keys, spatial_size=(image_size, image_size), mode="bilinear", anti_aliasing=True),
     ]
 

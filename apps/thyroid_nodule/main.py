@@ -137,9 +137,11 @@ class ThyroidNoduleApp(MONAILabelApp):
         if not _in_server_process():
             return
         from lib import routes
+        from lib.trainers.classify_nodule import check_train_options
 
         server = sys.modules["monailabel.app"]
         self._remove_partial_models()
+        timeouts = {k: float(self.conf[k]) for k in routes.DEFAULT_TIMEOUTS if k in self.conf}
         routes.install(
             server.app,
             known_models=lambda: set(self._infers),
@@ -149,6 +151,9 @@ class ThyroidNoduleApp(MONAILabelApp):
             max_upload_mb=int(self.conf.get("max_upload_mb", 64)),
             install_model=lambda model, path: self.task_config.install_model(path),
             remove_model=self._remove_model,
+            check_train_options=check_train_options,
+            studies=self.studies,
+            timeouts=timeouts,
         )
 
     def _remove_model(self, model: str) -> Dict[str, str]:

@@ -78,8 +78,13 @@ def test_kill_during_label_saves_loses_no_acknowledged_label(tmp_path, small_mod
     server = MonaiLabelServer(studies, make_model_dir(tmp_path, small_model), log_path=tmp_path / "server.log")
     server.start()
     try:
-        images = sorted(datastore_objects(server.url))
         masks = [noise_png(tmp_path / f"mask{i}.png", i) for i in range(4)]
+        images = []
+        for i in range(2):  # images of the masks' size (a label must be on its image's grid)
+            r = requests.put(f"{server.url}/datastore/image", params={"image": f"big{i}"},
+                             files={"file": ("big.png", masks[i])}, timeout=TIMEOUT)
+            assert r.status_code == 200, r.text
+            images.append(f"big{i}")
         acked: dict = {}  # (image, tag) -> (n, sha) of the last acknowledged save
         in_flight: dict = {}  # (image, tag) -> (n, sha) of the save sent last
         lock = threading.Lock()
@@ -282,7 +287,8 @@ def test_a_full_disk_is_a_507_and_corrupts_nothing(tmp_path, small_model):
                                                  files={"file": ("f.png", frame)},
                                                  data={"params": json.dumps({"notes": "x" * 300_000})}, timeout=TIMEOUT)),
             ("a label with its diagnosis", lambda: requests.put(
-                f"{url}/datastore/label", params={"image": ids[2], "tag": "final"}, files={"label": ("m.png", frame)},
+                f"{url}/datastore/label", params={"image": ids[2], "tag": "final"},
+                files={"label": ("m.png", (studies / f"{ids[2]}.png").read_bytes())},
                 data={"params": json.dumps({"diagnosis": "benign", "notes": "x" * 300_000})}, timeout=TIMEOUT)),
             ("a diagnosis", lambda: requests.put(f"{url}/datastore/image/info", params={"image": ids[3]},
                                                  data={"info": json.dumps({"diagnosis": "malignant", "notes": "y" * 300_000})},

@@ -1,6 +1,7 @@
 """Fuzzing the upload and ``params`` parsing of a real server with hypothesis: mutated real files
-(DDTI PNG frames, a 3D Slicer-style NRRD, DICOM, NIfTI, JPEG: bit flips, truncation, inserted
-bytes, forged header fields), random bytes, random file names, and random ``params`` / ``info``
+(DDTI PNG frames, a 3D Slicer-style NRRD, DICOM, NIfTI, JPEG, and the generated payloads of
+``tests.support.nasty.generated_payloads``: bit flips, truncation, inserted bytes, forged header
+fields), random bytes, random file names, and random ``params`` / ``info``
 text and JSON. Every answer must be below 500, and the server must keep answering.
 
 The examples are derandomised (the same ones on every CI run) and bounded; set
@@ -57,7 +58,17 @@ def _seeds() -> dict:
     for p in tmp.iterdir():
         p.unlink()
     tmp.rmdir()
+    # the payloads of issue 17 (work-driving NRRD fields, compressed bombs, NaN or singular
+    # geometry), keyed "<format>:<payload>" so that header forging treats them as their format
+    from tests.support.nasty import generated_payloads
+
+    for name, data in generated_payloads(include_large_frame=False).items():
+        seeds[f"{_format_of(name)}:{name}"] = data
     return seeds
+
+
+def _format_of(name: str) -> str:
+    return {"nrrd": "nrrd", "dicom": "dicom", "nifti": "nifti", "png": "png"}[name.split("_", 1)[0]]
 
 
 SEEDS = _seeds()
@@ -92,6 +103,7 @@ def mutated_file(draw) -> tuple[str, bytes]:
 
 
 def _forge_header(kind: str, data: bytes, draw) -> bytes:
+    kind = kind.split(":", 1)[0]
     big = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 7, 8, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1]))
     if kind == "png" and data[12:16] == b"IHDR":
         w, h = draw(big), draw(big)

@@ -180,13 +180,13 @@ def test_kill_during_a_label_save_leaves_the_old_or_the_new_label(tmp_path, fram
     the reopened datastore holds a complete label, never a torn one, and nothing left over."""
     studies = tmp_path / "studies"
     ds = ConfirmedCasesDatastore(str(studies))
-    ds.add_image("a", frames[0]["file"], {})
     rng = np.random.default_rng(0)
     masks = []
     for i in range(2):  # big masks (about 9 MB each), so that writing one takes a while
         path = tmp_path / f"mask{i}.png"
         Image.fromarray(rng.integers(0, 256, (3000, 3000), dtype=np.uint8)).save(path, compress_level=0)
         masks.append(path)
+    ds.add_image("a", str(masks[0]), {})  # an image of the masks' size: a label must be on its grid
     ds.save_label("a", str(masks[0]), "final", {})
     code = textwrap.dedent(f"""
         from thyroid_plugin.studies import ConfirmedCasesDatastore

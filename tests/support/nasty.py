@@ -119,7 +119,7 @@ def _nifti_header(dims, datatype: int, bitpix: int, vox_offset: float = 352.0) -
     return bytes(hdr) + b"\x00" * 4
 
 
-def _dicom(rows: int, cols: int, pixel_bytes: bytes = None, with_pixels: bool = True) -> bytes:
+def _dicom(rows: int, cols: int, pixel_bytes: bytes = None, with_pixels: bool = True, **elements) -> bytes:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -138,6 +138,8 @@ def _dicom(rows: int, cols: int, pixel_bytes: bytes = None, with_pixels: bool = 
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for name, value in elements.items():
+        setattr(ds, name, value)
     if with_pixels:
         ds.PixelData = pixel_bytes if pixel_bytes is not None else b"\x00" * 64
     ds.is_little_endian, ds.is_implicit_VR = True, False  # pydicom 2
@@ -244,6 +246,89 @@ def write_corpus(folder: Path = NASTY_DIR) -> list[Path]:
             path.write_bytes(data)
         written.append(path)
     return written
+
+
+#: generated payload name -> status of POST /infer/classify_nodule (built in memory by
+#: :func:`generated_payloads`, never committed: one of them is a 6000 x 6000 frame)
+GENERATED_EXPECTED = {
+    "nrrd_line_skip_1e12.nrrd": 400,
+    "nrrd_byte_skip_past_end.nrrd": 400,
+    "nrrd_raw_sizes_beyond_file.nrrd": 400,
+    "nrrd_bzip2_bomb_16MiB.nrrd": 413,
+    "nrrd_gzip_bomb_16MiB.nrrd": 413,
+    "dicom_deflated_bomb_256MiB.dcm": 413,
+    "nrrd_zero_directions.nrrd": 400,
+    "nrrd_nan_origin.nrrd": 400,
+    "dicom_zero_pixel_spacing.dcm": 400,
+    "nifti_zero_sform.nii": 400,
+    "nifti_nan_sform.nii": 400,
+    "png_6000x6000.png": 200,
+}
+
+
+def generated_payloads(include_large_frame: bool = True) -> dict:
+    """Name -> bytes of the payloads of :data:`GENERATED_EXPECTED` (second round of issue 17:
+    header fields that drive work, compressed bombs, non-finite or singular geometry, a large
+    allowed frame). Deterministic; about a second to build."""
+    import bz2
+
+    head = "type: uint8\ndimension: 2\nsizes: 64 64\n"
+    out = {
+        "nrrd_line_skip_1e12.nrrd": _nrrd(head + "encoding: raw\nline skip: 1000000000000", bytes(4096)),
+        "nrrd_byte_skip_past_end.nrrd": _nrrd(head + "encoding: raw\nbyte skip: 1000000000000", bytes(4096)),
+        "nrrd_raw_sizes_beyond_file.nrrd": _nrrd("type: uint8\ndimension: 2\nsizes: 4000 4000\nencoding: raw",
+                                                 bytes(4096)),
+        "nrrd_bzip2_bomb_16MiB.nrrd": _nrrd(head + "encoding: bzip2", bz2.compress(bytes(16 << 20), 9)),
+        "nrrd_gzip_bomb_16MiB.nrrd": _nrrd(head + "encoding: gzip", gzip.compress(bytes(16 << 20), 9, mtime=0)),
+        "dicom_deflated_bomb_256MiB.dcm": _deflated_dicom_bomb(256 << 20),
+        "nrrd_zero_directions.nrrd": _nrrd(head + "encoding: raw\nspace: left-posterior-superior\n"
+                                           "space directions: (0,0,0) (0,0,0)\nspace origin: (0,0,0)", bytes(4096)),
+        "nrrd_nan_origin.nrrd": _nrrd(head + "encoding: raw\nspace: left-posterior-superior\n"
+                                      "space directions: (1,0,0) (0,1,0)\nspace origin: (nan,0,0)", bytes(4096)),
+        "dicom_zero_pixel_spacing.dcm": _dicom(64, 64, bytes(64 * 64), PixelSpacing=[0, 0]),
+        "nifti_zero_sform.nii": _nifti_with_sform(np.zeros((4, 4))),
+        "nifti_nan_sform.nii": _nifti_with_sform(np.diag([np.nan, 1.0, 1.0, 1.0])),
+    }
+    if include_large_frame:
+        frame = np.zeros((6000, 6000), np.uint8)
+        frame[::7] = 200  # 35 kB as PNG, 36 megapixels decoded (under the 40 Mpx limit)
+        out["png_6000x6000.png"] = _png(frame)
+    return out
+
+
+def _nifti_with_sform(sform: np.ndarray) -> bytes:
+    hdr = bytearray(_nifti_header((64, 64, 1), datatype=2, bitpix=8))
+    struct.pack_into("<h", hdr, 254, 1)  # sform_code: scanner
+    struct.pack_into("<12f", hdr, 280, *np.asarray(sform, dtype=np.float32)[:3].ravel())
+    return bytes(hdr) + bytes(64 * 64)
+
+
+def _deflated_dicom_bomb(n_bytes: int) -> bytes:
+    """A Deflated Explicit VR Little Endian file: a 64 x 64 frame followed by a private element of
+    ``n_bytes`` zeros, about 1/1000 of that once deflated (deflated here in 1 MB steps)."""
+    import zlib
+
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    plain = _dicom(64, 64, bytes(64 * 64))  # explicit VR little endian, with its file meta
+    meta_end = 132 + 12 + struct.unpack_from("<I", plain, 140)[0]  # (0002,0000) group length
+    meta = io.BytesIO()
+    from pydicom.dataset import FileMetaDataset
+
+    info = FileMetaDataset()
+    info.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
+    info.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7"
+    info.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    write_file_meta_info(meta, info, enforce_standard=True)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = [packer.compress(plain[meta_end:])]
+    body.append(packer.compress(struct.pack("<HH2sHI", 0x7FE1, 0x1010, b"OB", 0, n_bytes)))
+    zeros = bytes(1 << 20)
+    for _ in range(n_bytes >> 20):
+        body.append(packer.compress(zeros))
+    body.append(packer.flush())
+    return b"\x00" * 128 + b"DICM" + meta.getvalue() + b"".join(body)
 
 
 def nasty_files() -> list[Path]:

@@ -20,11 +20,13 @@ from fastapi import HTTPException
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelException
 
 from thyroid_plugin.errors import (
+    DatalistError,
     ImageTooLargeError,
     InvalidImageError,
     InvalidModelError,
     InvalidROIError,
     ModelNotFoundError,
+    client_text,
 )
 from thyroid_plugin.studies import InvalidRequestError, StudiesFolderError
 
@@ -61,22 +63,22 @@ def http_errors():
     except HTTPException:
         raise
     except ImageTooLargeError as e:
-        raise HTTPException(status_code=413, detail=str(e)) from None
+        raise HTTPException(status_code=413, detail=client_text(e)) from None
     except InvalidImageError as e:
-        raise HTTPException(status_code=400, detail=f"invalid image: {e}") from None
-    except (InvalidROIError, InvalidRequestError) as e:
-        raise HTTPException(status_code=422, detail=str(e)) from None
+        raise HTTPException(status_code=400, detail=f"invalid image: {client_text(e)}") from None
+    except (InvalidROIError, InvalidRequestError, DatalistError) as e:  # DatalistError: e.g. too few cases to train
+        raise HTTPException(status_code=422, detail=client_text(e)) from None
     except (ImageNotFoundException, LabelNotFoundException) as e:
         raise HTTPException(status_code=404, detail=str(e.msg if hasattr(e, "msg") else e)) from None
     except MONAILabelException as e:  # e.g. an unknown model, strategy or scoring method
-        msg = str(getattr(e, "msg", e)).splitlines()[0][:300] if str(getattr(e, "msg", e)) else type(e).__name__
+        msg = client_text(str(getattr(e, "msg", e)).splitlines()[0][:300]) if str(getattr(e, "msg", e)) else type(e).__name__
         raise HTTPException(status_code=404 if "not Initialized" in msg else 422, detail=msg) from None
     except ModelNotFoundError:
         raise HTTPException(status_code=503, detail="no model is installed yet: train one (POST /train/classify_nodule) or install a model file") from None
     except InvalidModelError as e:
-        raise HTTPException(status_code=503, detail=f"the installed model cannot be used: {e}") from None
+        raise HTTPException(status_code=503, detail=f"the installed model cannot be used: {client_text(e)}") from None
     except StudiesFolderError as e:
-        raise HTTPException(status_code=503, detail=str(e)) from None
+        raise HTTPException(status_code=503, detail=client_text(e)) from None
     except OSError as e:
         raise storage_error(e) from None
 

@@ -19,7 +19,12 @@ inside the server's event loop, so while one image is classified no other reques
   file system call;
 - maps the library's errors (bad image, bad box, bad id, missing model, full or read-only
   storage, ...) to ``4xx``/``503``/``507`` with a message, on every guarded route;
-- caps the request body (``max_upload_mb``, default 64) before it is read: ``413``;
+- caps the request body (``max_upload_mb``, default 64) before it is read: ``413``; and bounds
+  how long a client may take: headers (``header_timeout_s``, 10 s; the connection is closed), a
+  stalled body (``body_idle_timeout_s``, 30 s) and a whole body (``body_timeout_s``, 600 s): ``408``;
+- removes the temporary files of a failed request (MONAI Label deletes them only after a
+  successful answer), hands freed memory back after each request, checks training options before
+  a run starts, and answers GET requests without server paths or tracebacks;
 - ``PUT /model/{model}`` (install a model file) and ``DELETE /model/{model}``: admin only (MONAI
   Label lets annotators do both), the uploaded file checked to be a model of the served network
   before it is published atomically; the shipped model is never deleted;
@@ -46,6 +51,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import deque
 from typing import Any, Callable, Dict, Optional
 
 from fastapi import Depends, File, Form, HTTPException, UploadFile
@@ -63,7 +69,8 @@ from monailabel.endpoints import infer as infer_endpoint
 from monailabel.endpoints.infer import ResultType
 from monailabel.endpoints.user.auth import RBAC, User
 
-from thyroid_plugin.errors import InvalidModelError
+from thyroid_plugin.errors import InvalidModelError, client_text
+from thyroid_plugin.io import json_safe
 
 from .http import http_errors, storage_error
 
@@ -154,11 +161,45 @@ def infer_params(text: Optional[str]) -> str:
     return json.dumps({k: value[k] for k in INFER_PARAMS if k in value})
 
 
-def guarded(endpoint, known_models: Optional[Callable[[], set]] = None):
+#: the digests MONAI Label's ``check_sum`` knows (any other name was a 500)
+_CHECKSUM_ALGORITHMS = ("SHA256", "SHA512", "MD5")
+
+
+def _check_checksum(value: Optional[str]) -> None:
+    if value and ":" in value and value.split(":", 1)[0] not in _CHECKSUM_ALGORITHMS:
+        raise HTTPException(status_code=422, detail=f"unknown checksum algorithm {value.split(':', 1)[0][:20]!r}; "
+                                                    f"use one of {list(_CHECKSUM_ALGORITHMS)}")
+
+
+def remove_spooled_uploads(background_tasks: Optional[BackgroundTasks]) -> None:
+    """Delete now the temporary files MONAI Label's endpoints would delete after the answer
+    (uploads spooled to the temp folder, the saliency file): background tasks only run after a
+    successful answer, so a request that fails would leave them behind for good."""
+    from monailabel.utils.others.generic import remove_file
+
+    if background_tasks is None:
+        return
+    for task in list(background_tasks.tasks):
+        if task.func is remove_file:
+            background_tasks.tasks.remove(task)
+            for path in task.args:
+                try:
+                    os.unlink(path)
+                except (FileNotFoundError, TypeError):
+                    pass
+                except OSError as e:
+                    logger.warning("cannot remove the temporary file %s: %s", path, e)
+
+
+def guarded(endpoint, known_models: Optional[Callable[[], set]] = None, check_body: Optional[Callable[[dict], None]] = None,
+            client_root: Optional[str] = None):
     """Wrap an async MONAI Label endpoint: JSON form fields checked, upload names neutralised,
-    a ``{model}`` in the path checked (``known_models``), library errors mapped, and the
-    endpoint's body (synchronous work: file copies, datastore writes, a synchronous batch,
-    active-learning predictions) run in a worker thread, so the event loop keeps answering."""
+    a ``{model}`` in the path checked (``known_models``), the request checked by ``check_body``
+    (given the endpoint's arguments), library errors mapped, the endpoint's body (synchronous
+    work: file copies, datastore writes, a synchronous batch, active-learning predictions) run in
+    a worker thread, so the event loop keeps answering, with freed memory handed back after it,
+    and temporary files removed when it fails. With ``client_root`` (GET routes), the answer is
+    made :func:`client_safe`."""
 
     @functools.wraps(endpoint)
     async def wrapper(*args, **kwargs):
@@ -173,11 +214,48 @@ def guarded(endpoint, known_models: Optional[Callable[[], set]] = None):
         for name in ("params", "info"):
             if isinstance(kwargs.get(name), str):
                 _check_json_object(name, kwargs[name])
+        _check_checksum(kwargs.get("check_sum"))
         _sanitize_uploads(kwargs.values())
         with http_errors():
-            return await run_in_threadpool(lambda: asyncio.run(endpoint(*args, **kwargs)))
+            if check_body is not None:
+                check_body(kwargs)
+            try:
+                result = await run_in_threadpool(_then_release_memory, lambda: asyncio.run(endpoint(*args, **kwargs)))
+            except BaseException:
+                remove_spooled_uploads(kwargs.get("background_tasks"))
+                raise
+        return client_safe(result, client_root) if client_root is not None else result
 
     return wrapper
+
+
+_TRACEBACK_LINE = re.compile(r'^\s*(Traceback \(most recent call last\)|File ".*", line \d+)')
+
+
+def client_safe(value: Any, root: str) -> Any:
+    """An answer without server paths or tracebacks (they stay in the log): an absolute path
+    under ``root`` becomes relative to it, any other its last component; traceback lines in a
+    list of lines (a task's ``details``) are left out, the exception's own line kept."""
+    if isinstance(value, str):
+        if os.path.isabs(value) and "\n" not in value:
+            relative = os.path.relpath(value, root)
+            return relative if not relative.startswith("..") else os.path.basename(value)
+        return client_text(value)
+    if isinstance(value, dict):
+        return {k: client_safe(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple, deque)):
+        out, in_frame = [], False
+        for item in value:
+            if isinstance(item, str):
+                if _TRACEBACK_LINE.match(item):
+                    in_frame = True
+                    continue
+                if in_frame and item.startswith("    "):  # a frame's source line and its ^^^ markers
+                    continue
+                in_frame = False
+            out.append(client_safe(item, root))
+        return out
+    return value
 
 
 class InferLimiter:
@@ -201,9 +279,37 @@ class InferLimiter:
         finally:
             self._waiting -= 1
         try:
-            return await run_in_threadpool(fn, *args)
+            return await run_in_threadpool(_then_release_memory, fn, *args)
         finally:
             self._semaphore.release()
+
+
+def _then_release_memory(fn, *args):
+    """``fn(*args)``, then the C heap's free pages handed back to the system: a large frame's
+    buffers are freed by then, but glibc keeps them mapped in its per-thread arenas, so the
+    server's resident memory would stay at its peak."""
+    try:
+        return fn(*args)
+    finally:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Return freed C heap memory to the system (glibc ``malloc_trim``; a no-op elsewhere)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def make_infer_endpoint(limiter: InferLimiter, known_models, check_image):
@@ -237,19 +343,31 @@ def make_infer_endpoint(limiter: InferLimiter, known_models, check_image):
             if image and file is None:
                 check_image(image)  # a datastore id, never a path on the server
             # classify_nodule takes no label: an uploaded one is ignored, never written anywhere
-            return await limiter.run(
-                infer_endpoint.run_inference, background_tasks, model, image, "", params, file, None, output
-            )
+            try:
+                result = await limiter.run(
+                    infer_endpoint.run_inference, background_tasks, model, image, "", params, file, None, output
+                )
+            except BaseException:
+                remove_spooled_uploads(background_tasks)
+                raise
+        if isinstance(result, dict):  # output=json: rendered here, so that no value can fail after the clean-up
+            return JSONResponse(json_safe(result))
+        return result
 
     return api_run_inference
 
 
 class BodySizeLimit:
-    """ASGI wrapper: refuse request bodies over ``max_bytes`` with 413 before reading them."""
+    """ASGI wrapper: refuse request bodies over ``max_bytes`` with 413 before reading them, and
+    bodies that stall with 408: no part for ``idle_timeout_s`` seconds, or not complete after
+    ``total_timeout_s`` (a ``Content-Length`` larger than what is sent would otherwise hold the
+    connection, and a worker waiting on it, for as long as the client likes)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, idle_timeout_s: float = 30.0, total_timeout_s: float = 600.0) -> None:
         self.app = app
         self.max_bytes = int(max_bytes)
+        self.idle_timeout_s = float(idle_timeout_s)
+        self.total_timeout_s = float(total_timeout_s)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -264,12 +382,22 @@ class BodySizeLimit:
             if too_big:
                 return await self._reject(scope, receive, send)
         received = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.total_timeout_s
+        complete = False
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: what comes next is a disconnect, whenever it comes
+                return await receive()
+            wait = min(self.idle_timeout_s, deadline - loop.time())
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.001))
+            except asyncio.TimeoutError:
+                raise HTTPException(status_code=408, detail=self._slow_message()) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise HTTPException(status_code=413, detail=self._message())
             return message
@@ -277,16 +405,91 @@ class BodySizeLimit:
         try:
             return await self.app(scope, limited_receive, send)
         except HTTPException as e:
-            if e.status_code != 413:
+            if e.status_code not in (408, 413):
                 raise
-            return await self._reject(scope, receive, send)
+            return await self._reject(scope, receive, send, e.status_code)
 
     def _message(self) -> str:
         return f"request body larger than the limit of {self.max_bytes // (1 << 20)} MiB"
 
-    async def _reject(self, scope, receive, send):
-        response = JSONResponse({"detail": self._message()}, status_code=413)
+    def _slow_message(self) -> str:
+        return (f"the request body did not arrive in time (nothing for {self.idle_timeout_s:g} s, or not complete "
+                f"after {self.total_timeout_s:g} s)")
+
+    async def _reject(self, scope, receive, send, status: int = 413):
+        detail = self._message() if status == 413 else self._slow_message()
+        response = JSONResponse({"detail": detail}, status_code=status, headers={"Connection": "close"})
         await response(scope, receive, send)
+
+
+class HeaderTimeout:
+    """Close connections whose request line and headers are not complete ``seconds`` after the
+    connection opened or the previous answer went out (uvicorn has no such limit: a client that
+    sends half a header keeps the connection, and a file descriptor, for as long as it likes).
+
+    Wraps three methods of uvicorn's h11 protocol class (the one it uses without ``httptools``;
+    checked with uvicorn 0.2x-0.3x); :meth:`install` changes nothing where they are missing."""
+
+    installed: Optional["HeaderTimeout"] = None
+
+    def __init__(self, protocol_class, seconds: float) -> None:
+        self.seconds = float(seconds)
+        self.protocol_class = protocol_class
+        self.originals = {m: getattr(protocol_class, m) for m in ("connection_made", "data_received", "connection_lost")}
+
+    @classmethod
+    def install(cls, seconds: float) -> bool:
+        try:
+            from uvicorn.protocols.http.h11_impl import H11Protocol
+        except ImportError:
+            return False
+        if cls.installed is not None:
+            cls.installed.seconds = float(seconds)
+            return True
+        if not all(hasattr(H11Protocol, m) for m in ("connection_made", "data_received", "connection_lost")):
+            return False
+        hook = cls.installed = cls(H11Protocol, seconds)
+        H11Protocol.connection_made = lambda proto, transport: hook.connection_made(proto, transport)
+        H11Protocol.data_received = lambda proto, data: hook.data_received(proto, data)
+        H11Protocol.connection_lost = lambda proto, exc: hook.connection_lost(proto, exc)
+        return True
+
+    @staticmethod
+    def _waiting(proto) -> bool:
+        return proto.cycle is None or proto.cycle.response_complete
+
+    def _arm(self, proto) -> None:
+        if getattr(proto, "_header_timer", None) is None:
+            proto._header_timer = proto.loop.call_later(self.seconds, self._expire, proto)
+
+    @staticmethod
+    def _disarm(proto) -> None:
+        timer = getattr(proto, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            proto._header_timer = None
+
+    def _expire(self, proto) -> None:
+        proto._header_timer = None
+        if self._waiting(proto) and not proto.transport.is_closing():
+            logger.info("closed a connection from %s: no complete request headers within %g s", proto.client,
+                        self.seconds)
+            proto.transport.close()
+
+    def connection_made(self, proto, transport) -> None:
+        self.originals["connection_made"](proto, transport)
+        self._arm(proto)
+
+    def data_received(self, proto, data: bytes) -> None:
+        self.originals["data_received"](proto, data)
+        if self._waiting(proto):
+            self._arm(proto)  # part of the next request's headers: they have the same time to arrive
+        else:
+            self._disarm(proto)
+
+    def connection_lost(self, proto, exc) -> None:
+        self._disarm(proto)
+        self.originals["connection_lost"](proto, exc)
 
 
 async def _storage_error_response(request, exc: OSError) -> JSONResponse:
@@ -301,6 +504,23 @@ async def _http_error_response(request, exc: StarletteHTTPException):
     if isinstance(cause, StarletteHTTPException):  # e.g. the body limit hit while FastAPI parsed a form
         return await http_exception_handler(request, cause)
     return await http_exception_handler(request, exc)
+
+
+def _train_check(path: str, check_options: Optional[Callable[[dict], None]]):
+    """The body check of ``POST /train/{model}`` (``params`` are one model's options) and of the
+    deprecated ``POST /train/`` (``params`` map each model to its options)."""
+    if check_options is None or not path.startswith("/train"):
+        return None
+
+    def check(kwargs: dict) -> None:
+        params = kwargs.get("params") or {}
+        if path == "/train/{model}":
+            check_options(params)
+        else:
+            for options in params.values():
+                check_options(options)
+
+    return check
 
 
 def _route_lists(router, seen=None):
@@ -461,12 +681,26 @@ def install_auth(app) -> None:
     return access_token
 
 
+#: seconds a client has for its request headers, for each part of a body, and for a whole body
+DEFAULT_TIMEOUTS = {"header_timeout_s": 10.0, "body_idle_timeout_s": 30.0, "body_timeout_s": 600.0}
+
+
 def install(app, known_models, check_image, infer_concurrency: int = 1, infer_queue: int = 16, max_upload_mb: int = 64,
             install_model: Optional[Callable[[str, str], Dict[str, Any]]] = None,
-            remove_model: Optional[Callable[[str], Dict[str, Any]]] = None) -> None:
-    """Install the routes above into MONAI Label's FastAPI ``app`` (idempotent)."""
+            remove_model: Optional[Callable[[str], Dict[str, Any]]] = None,
+            check_train_options: Optional[Callable[[dict], None]] = None, studies: str = "/",
+            timeouts: Optional[Dict[str, float]] = None) -> None:
+    """Install the routes above into MONAI Label's FastAPI ``app`` (idempotent).
+
+    Args:
+        check_train_options: raises for bad options of one training request (before a run starts).
+        studies: the studies folder (answers name files relative to it).
+        timeouts: overrides of :data:`DEFAULT_TIMEOUTS`.
+    """
     if getattr(app.state, "thyroid_nodule_routes", False):
         return
+    timeouts = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
+    HeaderTimeout.install(timeouts["header_timeout_s"])
     limiter = InferLimiter(infer_concurrency, infer_queue)
     token_endpoint = install_auth(app)
     if install_model is not None and remove_model is not None:
@@ -496,7 +730,9 @@ def install(app, known_models, check_image, infer_concurrency: int = 1, infer_qu
             elif route.path == "/datastore/dataset":
                 endpoint = make_dataset_endpoint()
             else:
-                endpoint = guarded(route.endpoint, known_models if "{model}" in route.path else None)
+                check_body = _train_check(route.path, check_train_options) if "POST" in methods else None
+                endpoint = guarded(route.endpoint, known_models if "{model}" in route.path else None, check_body,
+                                   client_root=studies if "GET" in methods else None)
             routes[i] = APIRoute(
                 route.path,
                 endpoint,
@@ -516,11 +752,14 @@ def install(app, known_models, check_image, infer_concurrency: int = 1, infer_qu
     # as "There was an error parsing the body") is a 507/503 too
     app.add_exception_handler(OSError, _storage_error_response)
     app.add_exception_handler(StarletteHTTPException, _http_error_response)
+    body_limits = {"max_bytes": max_upload_mb * (1 << 20), "idle_timeout_s": timeouts["body_idle_timeout_s"],
+                   "total_timeout_s": timeouts["body_timeout_s"]}
     if app.middleware_stack is not None:  # built already (the lifespan runs first): build it again
-        app.middleware_stack = BodySizeLimit(app.build_middleware_stack(), max_upload_mb * (1 << 20))
+        app.middleware_stack = BodySizeLimit(app.build_middleware_stack(), **body_limits)
     else:
-        app.add_middleware(BodySizeLimit, max_bytes=max_upload_mb * (1 << 20))
+        app.add_middleware(BodySizeLimit, **body_limits)
     app.state.thyroid_nodule_routes = True
-    logger.info("thyroid_nodule: %d routes guarded (infer concurrency %d, queue %d, upload limit %d MiB, auth %s)",
-                replaced, infer_concurrency, infer_queue, max_upload_mb,
-                "on" if settings.MONAI_LABEL_AUTH_ENABLE else "off")
+    logger.info("thyroid_nodule: %d routes guarded (infer concurrency %d, queue %d, upload limit %d MiB, auth %s, "
+                "timeouts: headers %g s, body %g s idle / %g s total)", replaced, infer_concurrency, infer_queue,
+                max_upload_mb, "on" if settings.MONAI_LABEL_AUTH_ENABLE else "off", timeouts["header_timeout_s"],
+                timeouts["body_idle_timeout_s"], timeouts["body_timeout_s"])

@@ -142,7 +142,7 @@ class ClassifyNodule(BasicInferTask):
         except BaseException:
             os.unlink(path)
             raise
-        return path, result_json(pred, image)
+        return path, json_safe(result_json(pred, image))  # JSON has no NaN
 
     # ---------------------------------------------------------------------------- batch path
     def predict_batch(self, images: Sequence[UltrasoundImage], rois: Sequence) -> list:

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from monai.inferers import SimpleInferer
@@ -26,9 +26,10 @@ from thyroid_plugin.checkpoint import load_checkpoint, model_identity, network_f
 from thyroid_plugin.config import load_config
 from thyroid_plugin.data import FixedGroupSplit, class_counts, datalist_from_datastore
 from thyroid_plugin.engine import TrainSettings, evaluate_network, fit
-from thyroid_plugin.errors import DatalistError
+from thyroid_plugin.errors import DatalistError, short_repr
 from thyroid_plugin.io import atomic_write_bytes, atomic_write_json, json_safe
 from thyroid_plugin.metrics import OPERATING_POINT_METRICS
+from thyroid_plugin.studies import InvalidRequestError
 from thyroid_plugin.transforms import augmentation_transforms, preprocess_transforms
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class ClassifyNoduleTrainer(BasicTrainTask):
         context.run_id = request["run_id"]
         context.multi_gpu = bool(request.get("multi_gpu")) and world_size > 1
         stats_path = Path(self._stats_path)
+        check_train_options(request)  # before anything is written (the server checked them too)
         if rank == 0:
             _write_started(stats_path, context.run_id, int(request["max_epochs"]))
         try:
@@ -233,6 +235,50 @@ class ClassifyNoduleTrainer(BasicTrainTask):
         # the run's resume checkpoint is only needed while it runs
         shutil.rmtree(Path(context.output_dir) / "checkpoints", ignore_errors=True)
         return stats
+
+
+def _number(options: Mapping, key: str, low: float, high: float, integer: bool, low_open: bool = False,
+            high_open: bool = False) -> None:
+    value = options[key]
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    ok = ok and (not isinstance(value, float) or math.isfinite(value)) and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
+        raise InvalidRequestError(f"{key} must be {kind} in {lo}, {hi}, got {short_repr(value)}")
+
+
+#: request options this trainer reads: (lowest, highest, integer, lowest excluded, highest excluded)
+_NUMERIC_OPTIONS = {
+    "max_epochs": (1, 100_000, True, False, False),
+    "train_batch_size": (1, 4096, True, False, False),
+    "val_batch_size": (1, 4096, True, False, False),
+    "early_stop_patience": (0, 100_000, True, False, False),
+    "learning_rate": (0.0, 10.0, False, True, False),
+    "val_split": (0.0, 1.0, False, True, True),
+}
+
+
+def check_train_options(options: Any) -> None:
+    """Refuse a training request whose options would fail later or mislead (``max_epochs: -1``
+    reported "done" after no epoch; ``val_split: 2`` was written into the fixed split file before
+    the run failed): called by the server before a run starts, and by the run before it writes
+    anything.
+
+    Raises:
+        InvalidRequestError: the first bad option, in one line.
+    """
+    if not isinstance(options, Mapping):
+        raise InvalidRequestError(f"training options must be a JSON object, got {short_repr(options)}")
+    for key, bounds in _NUMERIC_OPTIONS.items():
+        if key in options:
+            _number(options, key, *bounds)
+    for key in ("pretrained", "multi_gpu"):
+        if key in options and not isinstance(options[key], bool):
+            raise InvalidRequestError(f"{key} must be true or false, got {short_repr(options[key])}")
+    if "publish" in options and options["publish"] not in ("if_better", "always"):
+        raise InvalidRequestError(f"publish must be 'if_better' or 'always', got {short_repr(options['publish'])}")
 
 
 def _finite(v) -> bool:
