@@ -874,7 +874,6 @@ def _encode_nrrd(image: UltrasoundImage, mask: np.ndarray) -> bytes:
 
     src = image.header.get("nrrd", {})
     domain_axes = image.header.get("domain_axes", [0, 1, 2])
-    sizes = image.header.get("sizes", [mask.shape[1], mask.shape[0], 1])
     n_domain = len(domain_axes)
     header: dict[str, Any] = {
         "type": "unsigned char",

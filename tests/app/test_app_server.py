@@ -21,7 +21,7 @@ from thyroid_plugin.checkpoint import load_checkpoint
 from thyroid_plugin.studies import import_collection
 from tests.support.images import write_png_bomb, write_slicer_file, write_truncated, write_volume_nrrd
 from tests.support.paths import ddti_subset
-from tests.support.server import MonaiLabelServer, parse_multipart
+from tests.support.server import MonaiLabelServer, parse_multipart, wait_for_batch
 
 pytestmark = pytest.mark.slow
 
@@ -168,12 +168,7 @@ def test_asynchronous_batch_inference_persists_results_too(server):
     r = requests.post(f"{server.url}/batch/infer/classify_nodule", params={"images": "unlabeled"},
                       json={"label_tag": "nightly"}, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status = requests.get(f"{server.url}/batch/infer", timeout=TIMEOUT).json()
-        if status["status"] in ("DONE", "ERROR"):
-            break
-        time.sleep(1)
+    status = wait_for_batch(server.url)
     assert status["status"] == "DONE", status
     for image_id in unconfirmed:
         deadline = time.time() + 30  # the server notices the background task's writes

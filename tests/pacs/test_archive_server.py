@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from tests.pacs.conftest import DELTA_CM, archive_server
-from tests.support.server import parse_multipart
+from tests.support.server import parse_multipart, wait_for_batch
 
 pytestmark = pytest.mark.slow
 
@@ -277,7 +277,6 @@ def test_slicer_confirms_a_frame_loaded_from_the_pacs_by_its_uid(server, orthanc
 def test_asynchronous_batch_stores_only_the_missing_results(server, orthanc, archive):
     """The background batch (its own process, which opens the archive itself) writes the result
     of the frame added since the last batch (test_adding_an_image...) and nothing else."""
-    import time
 
     from lib.archive import reports
 
@@ -287,12 +286,7 @@ def test_asynchronous_batch_stores_only_the_missing_results(server, orthanc, arc
     before = result_srs()
     r = requests.post(f"{server.url}/batch/infer/classify_nodule", json={"images": "all"}, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status = requests.get(f"{server.url}/batch/infer", timeout=TIMEOUT).json()
-        if status["status"] in ("DONE", "ERROR"):
-            break
-        time.sleep(1)
+    status = wait_for_batch(server.url)
     assert status["status"] == "DONE", status
     after = result_srs()
     assert len(after) == len(before) + 1

@@ -112,6 +112,17 @@ class MonaiLabelServer:
         self.stop()
 
 
+def wait_for_batch(url: str, timeout: float = 600.0) -> dict:
+    """Poll ``GET /batch/infer`` until the background batch task is ``DONE`` or ``ERROR`` (or
+    ``timeout`` seconds pass); returns the last status answer."""
+    deadline = time.time() + timeout
+    while True:
+        status = requests.get(f"{url}/batch/infer", timeout=60).json()
+        if status["status"] in ("DONE", "ERROR") or time.time() > deadline:
+            return status
+        time.sleep(1)
+
+
 def parse_multipart(response: requests.Response) -> tuple[dict, bytes]:
     """(params JSON, image bytes) of an ``output=all`` answer."""
     raw = b"Content-Type: " + response.headers["content-type"].encode() + b"\r\n\r\n" + response.content

@@ -76,7 +76,7 @@ class PersistingBatchInfer(BatchInferTask):
             if loaded:
                 try:
                     preds = self.task.predict_batch([im for _, im, _ in loaded], [roi for _, _, roi in loaded])
-                except ThyroidPluginError as e:  # e.g. a stored roi that no longer fits: go one by one
+                except ThyroidPluginError:  # e.g. a stored roi that no longer fits: go one by one
                     preds = []
                     for image_id, im, roi in loaded:
                         try:
