@@ -71,11 +71,11 @@ def onednn_isa() -> str:
     import subprocess
     import sys
 
-    code = ("import torch; c = torch.nn.Conv2d(16, 16, 3).to(memory_format=torch.channels_last)\n"
-            "with torch.inference_mode(): c(torch.rand(1, 16, 32, 32).contiguous(memory_format=torch.channels_last))")
+    code = ("import torch; c = torch.nn.Conv2d(32, 32, 3).to(memory_format=torch.channels_last)\n"
+            "with torch.inference_mode(): c(torch.rand(1, 32, 64, 64).contiguous(memory_format=torch.channels_last))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "ONEDNN_VERBOSE": "1"})
-    for line in out.stdout.splitlines():
+    for line in (out.stdout + out.stderr).splitlines():
         if ",info,cpu,isa:" in line:
             return line.split("isa:", 1)[1].strip()
     return "unknown"
