@@ -107,18 +107,20 @@ def to_network_channels(array: np.ndarray) -> np.ndarray:
     """
     a = np.asarray(array)
     if a.dtype == np.uint8:
-        lo, scale = 0.0, 1.0 / 255.0
+        lo, span = 0.0, 255.0
     else:
         lo, hi = float(np.min(a)), float(np.max(a))
-        scale = 1.0 / (hi - lo) if hi > lo else 0.0
+        span = hi - lo
     planes = [a] * 3 if a.ndim == 2 else [a[..., c] for c in range(a.shape[-1])]
     out = np.empty((len(planes),) + a.shape[:2], dtype=np.float32)
     for c, plane in enumerate(planes):
         if c > 0 and plane is planes[0]:
             out[c] = out[0]
-            continue
-        np.subtract(plane, lo, out=out[c], casting="unsafe")
-        out[c] *= scale
+        elif span > 0:
+            np.subtract(plane, lo, out=out[c], casting="unsafe")
+            out[c] /= span  # a division, as in training: the same float32 values bit for bit
+        else:
+            out[c] = 0.0
     return out
 
 

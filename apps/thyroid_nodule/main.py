@@ -106,8 +106,11 @@ class ThyroidNoduleApp(MONAILabelApp):
             time.sleep(0.5)
         stats = self._trainers[request.get("model", TASK_NAME)].stats()
         if task["status"] != "DONE":
-            raise HTTPException(status_code=500, detail=f"training {task['status'].lower()}: "
-                                                        f"{stats.get('error') or 'see GET /train/ and the server log'}"[:300])
+            # the data or the options were wrong (4xx), or the run itself failed (500)
+            client_error = stats.get("error_type") in ("DatalistError", "InvalidRequestError")
+            raise HTTPException(status_code=422 if client_error else 500,
+                                detail=f"training {task['status'].lower()}: "
+                                       f"{stats.get('error') or 'see GET /train/ and the server log'}"[:300])
         return stats
 
     def on_init_complete(self):

@@ -321,6 +321,7 @@ def _write_failure(path: Path, error: BaseException, start: float) -> None:
     stats = _read_stats(path)
     stats["status"] = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"
     stats["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    stats["error_type"] = type(error).__name__
     stats["failed_ts"] = int(time.time())
     stats["run_time_s"] = round(time.time() - start, 1)
     _write_stats(path, stats)
