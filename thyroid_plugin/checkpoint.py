@@ -236,11 +236,22 @@ def set_threshold(path: os.PathLike | str, threshold: float,
         validation: ``(prob_malignant (N,), labels (N,))`` the threshold was chosen on: stored,
             and the model's metrics become theirs at ``threshold`` (see :func:`validation_metrics`).
     """
+    return write_payload(path, apply_operating_point(load_checkpoint(path), threshold, validation))
+
+
+def apply_operating_point(payload: dict, threshold: float,
+                          validation: Optional[tuple[Sequence[float], Sequence[int]]] = None) -> dict:
+    """Set a loaded model file's operating point (and, with ``validation``, its stored validation
+    predictions and its metrics at that point) in place; see :func:`set_threshold`."""
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
-    payload = load_checkpoint(path)
     payload["threshold"] = float(threshold)
     if validation is not None:
         payload["validation"] = _validation_record(*validation)
         payload["metrics"] = _to_plain({**operating_point_metrics(*validation, float(threshold)), "n": len(validation[1])})
+    return payload
+
+
+def write_payload(path: os.PathLike | str, payload: Mapping[str, Any]) -> str:
+    """Write a (loaded and changed) model file's payload atomically; returns its identity."""
     return _write(path, payload)

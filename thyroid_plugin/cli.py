@@ -78,19 +78,23 @@ def _add_protocol(sub) -> None:
 
     p = sub.add_parser("protocol", help="evaluation protocol: every variant on DDTI 5-fold, BUS-BRA official folds and cross-device; tables, ROC curves, overlays")
     p.add_argument("--out", required=True, help="output folder (re-running resumes: finished runs are kept)")
-    p.add_argument("--protocol", default="quick", choices=sorted(PROTOCOLS), help="quick (CPU, ~2 h) or full (the paper's schedule, GPU)")
+    p.add_argument("--protocol", default="quick", choices=sorted(PROTOCOLS), help="quick (CPU smoke, 64 px, 4 epochs), medium (CPU, the product's recipe, 128 px until validation stops improving) or full (the paper's schedule, GPU)")
     p.add_argument("--datasets", default="ddti,busbra,busbra_cross", help="comma-separated: ddti, busbra, busbra_cross")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     p.add_argument("--data-root", help="folder with ddti/ and busbra/ (default ../shared/data)")
     p.add_argument("--epochs", type=int, help="override the protocol's epochs")
     p.add_argument("--image-size", type=int, help="override the protocol's input size")
+    p.add_argument("--ddti-recipe", choices=["alone", "mixed", "pretrain"],
+                   help="medium protocol: DDTI folds alone, with BUS-BRA mixed in, or fine-tuned from BUS-BRA pre-training (default)")
     p.add_argument("--device", default="cpu")
 
 
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="set a model's operating point (Youden's J) and its validation metrics at it from a labelled validation set")
+    p = sub.add_parser("calibrate", help="calibrate a model's probabilities (temperature scaling) and set its operating point (Youden's J) and validation metrics from a labelled validation set")
     p.add_argument("--csv", required=True, help="labelled validation data, not the test data")
     p.add_argument("--model", required=True, help="model file (updated in place, atomically)")
+    p.add_argument("--no-temperature", dest="temperature", action="store_false",
+                   help="keep the probabilities as they are (default: fit a temperature on these predictions and fold it into the weights)")
     p.add_argument("--device")
 
 
@@ -245,7 +249,8 @@ def cmd_protocol(args) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; use {list(VARIANTS)}")
-    overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size}.items() if v is not None}
+    overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size,
+                                   "ddti_recipe": args.ddti_recipe}.items() if v is not None}
     results = run_protocol(Path(args.out), args.protocol, [d.strip() for d in args.datasets.split(",") if d.strip()],
                            variants, Path(args.data_root) if args.data_root else None, overrides, args.device)
     summary = {ds: {v: round(e["auc"][0], 4) for v, e in per.items()} for ds, per in results["datasets"].items()}
@@ -254,6 +259,7 @@ def cmd_protocol(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from .calibration import calibrate_model_file
     from .checkpoint import load_checkpoint, set_threshold, validation_metrics
     from .data import load_datalist
     from .inference import NodulePredictor
@@ -265,11 +271,18 @@ def cmd_calibrate(args) -> int:
              for p in predictor.predict_batch([d["image"] for d in datalist[start : start + 16]],
                                               [d.get("roi") for d in datalist[start : start + 16]])]
     labels = [int(d["label"]) for d in datalist]
-    threshold = youden_threshold(probs, labels)
-    # the model's metrics become these predictions' at the new threshold (the weights stay as they are)
-    identity = set_threshold(args.model, threshold, validation=(probs, labels))
-    metrics = validation_metrics(load_checkpoint(args.model))
-    print(json.dumps({"model": identity, "threshold": round(threshold, 6), "n": len(labels),
+    extra = {}
+    if args.temperature:
+        # calibrated probabilities: the temperature is folded into the weights, the threshold re-chosen
+        record = calibrate_model_file(args.model, probs, labels)
+        identity = record.pop("model")
+        extra = {"calibration": {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}}
+    else:
+        # the model's metrics become these predictions' at the new threshold (the weights stay as they are)
+        identity = set_threshold(args.model, youden_threshold(probs, labels), validation=(probs, labels))
+    payload = load_checkpoint(args.model)
+    metrics = validation_metrics(payload)
+    print(json.dumps({"model": identity, "threshold": round(payload["threshold"], 6), "n": len(labels), **extra,
                       "at_threshold": {k: (None if v != v else round(v, 4)) for k, v in metrics.items()}}))
     return 0
 

@@ -42,6 +42,8 @@ from .io import atomic_write_json, load_image
 from .losses import SaliencyGuidedLoss
 from .metrics import METRIC_NAMES, binary_metrics
 from .networks import BASELINES, BaselineClassifier, SaliencyGuidedClassifier
+from .calibration import plot_reliability
+from .recipe import CropInputs, evaluate_recipe, pretraining_split, recipe_train_list
 from .reports import plot_roc, saliency_vs_mask
 
 __all__ = ["PROTOCOLS", "VARIANTS", "Split", "build_splits", "run_protocol", "summarize"]
@@ -65,6 +67,15 @@ PROTOCOLS: dict[str, dict] = {
     # the paper's schedule (224x224, 150 epochs, Adam 1e-4); for a GPU
     "full": {"image_size": 224, "epochs": 150, "batch_size": 32, "lr": 1e-4, "val_fraction": 0.15, "seed": 0,
              "early_stop_patience": 30},
+    # CPU, the product's recipe (thyroid_plugin/recipe.py): lesion-centred crops with a random
+    # margin and whole frames, ultrasound augmentation, BUS-BRA pre-training for DDTI, evaluation
+    # against the box margin, temperature calibration; as many epochs as validation improves
+    "medium": {"image_size": 128, "epochs": 40, "batch_size": 32, "lr": 3e-4, "val_fraction": 0.15, "seed": 0,
+               "early_stop_patience": 8,
+               "crops": {"max_margin": 0.6, "jitter": 0.1, "whole_frame_prob": 0.2},
+               "us_augmentation": {"shift_prob": 0.3, "marks_prob": 0.3},
+               "val_margin": 0.25, "test_margins": [0.0, 0.25, 0.5, None], "headline_margin": 0.25,
+               "ddti_recipe": "pretrain", "pretrain_epochs": 12},
 }
 
 CROSS_DEVICE = {
@@ -248,9 +259,13 @@ def run_protocol(
     out_dir = Path(out_dir)
     splits = build_splits(data_root, datasets, settings["val_fraction"], settings["seed"])
     prepared = Preprocessed(settings["image_size"])
-    from .transforms import augmentation_transforms
+    crops = CropInputs(settings) if settings.get("crops") else None
+    if crops is not None:
+        train_tf, val_tf = crops.train_transforms(), crops.val_transforms()
+    else:
+        from .transforms import augmentation_transforms
 
-    train_tf = [prepared.transform()] + augmentation_transforms(settings["image_size"])
+        train_tf, val_tf = [prepared.transform()] + augmentation_transforms(settings["image_size"]), [prepared.transform()]
     total = len(splits) * len(variants)
     done = 0
     started = time.time()
@@ -261,26 +276,21 @@ def run_protocol(
             if result_path.is_file():
                 continue
             t0, cpu0 = time.time(), time.process_time()
-            torch.manual_seed(settings["seed"])
-            network = build_variant(variant)
-            loss = SaliencyGuidedLoss(VARIANTS[variant]["loss"], class_weights="balanced")
-            optimizer = torch.optim.Adam(network.parameters(), lr=settings["lr"])
             run_dir = result_path.parent / f"{variant}_train"
-            train_settings = TrainSettings(
-                epochs=settings["epochs"], batch_size=settings["batch_size"], val_batch_size=64,
-                image_size=settings["image_size"], seed=settings["seed"], progress=False, log_every=0, tensorboard=False,
-                early_stop_patience=settings.get("early_stop_patience", 0),
-            )
-            stats = fit(network, loss, optimizer, split.train, split.val, run_dir, train_settings, device=device,
-                        train_transforms=train_tf, val_transforms=[prepared.transform()])
-            best = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-            network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in best["state_dict"].items()})
-            network.to("cpu").to(memory_format=torch.contiguous_format)
-            evaluation = evaluate_split(network, variant, split.test, prepared)
+            start = None
+            if crops is not None and split.dataset == "ddti" and settings.get("ddti_recipe") == "pretrain":
+                start = _pretrained(out_dir, variant, settings, data_root, train_tf, val_tf, device, progress)
+            train = recipe_train_list(split.dataset, split.train, settings, data_root) if crops is not None else split.train
+            network, best = _train_variant(variant, settings, train, split.val, run_dir, train_tf, val_tf, device, start)
+            if crops is not None:
+                evaluation = evaluate_recipe(network, variant, split.test, crops, _validation_of(best), evaluate_split)
+                evaluation["summary"] = evaluation["test"]
+            else:
+                evaluation = evaluate_split(network, variant, split.test, prepared)
             result = {
                 "dataset": split.dataset, "split": split.name, "variant": variant, "protocol": protocol, "settings": settings,
-                "sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
-                "best_epoch": stats.get("best_metric_epoch"), "val_metrics": stats.get("metrics"),
+                "sizes": {"train": len(train), "val": len(split.val), "test": len(split.test)},
+                "best_epoch": best.get("epoch"), "val_metrics": best.get("metrics"),
                 "test": evaluation["summary"], "records": evaluation["records"], "seconds": round(time.time() - t0, 1),
                 "cpu_seconds": round(time.process_time() - cpu0, 1),
             }
@@ -296,8 +306,57 @@ def run_protocol(
                          f"{evaluation['summary']['auc']:.3f} ({result['seconds']:.0f}s; {elapsed / 60:.1f} min so far)")
     for split in splits:
         if split.name in ("fold1", "logiq7_to_others"):
-            overlay_figure(out_dir, split, variants, prepared)
+            overlay_figure(out_dir, split, variants, crops.prepare if crops is not None else prepared)
     return summarize(out_dir, datasets, variants)
+
+
+def _train_variant(variant: str, settings: Mapping[str, Any], train: Sequence[Mapping], val: Sequence[Mapping], run_dir: Path,
+                   train_tf: list, val_tf: list, device: str, start: Optional[Mapping] = None,
+                   epochs: Optional[int] = None) -> tuple[torch.nn.Module, dict]:
+    """Train one variant (from ``start`` weights if given) and return the network at its best
+    validation epoch (on the CPU, float32) and that model file's payload. An interrupted run
+    resumes from its checkpoints in ``run_dir``."""
+    torch.manual_seed(settings["seed"])
+    network = build_variant(variant)
+    if start is not None:
+        network.load_state_dict(start)
+    loss = SaliencyGuidedLoss(VARIANTS[variant]["loss"], class_weights="balanced")
+    optimizer = torch.optim.Adam(network.parameters(), lr=settings["lr"])
+    train_settings = TrainSettings(
+        epochs=epochs or settings["epochs"], batch_size=settings["batch_size"], val_batch_size=64,
+        image_size=settings["image_size"], seed=settings["seed"], progress=False, log_every=0, tensorboard=False,
+        early_stop_patience=settings.get("early_stop_patience", 0),
+    )
+    fit(network, loss, optimizer, train, val, run_dir, train_settings, device=device,
+        train_transforms=train_tf, val_transforms=val_tf, resume=True)
+    best = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in best["state_dict"].items()})
+    network.to("cpu").to(memory_format=torch.contiguous_format)
+    info = best.get("train") or {}
+    return network, {"epoch": info.get("epoch"), "metrics": best.get("metrics"), "validation": best.get("validation")}
+
+
+def _validation_of(best: Mapping) -> Optional[tuple[list, list]]:
+    record = best.get("validation")
+    if not record:
+        return None
+    return list(record["prob_malignant"]), [int(v) for v in record["label"]]
+
+
+def _pretrained(out_dir: Path, variant: str, settings: Mapping[str, Any], data_root: Path, train_tf: list, val_tf: list,
+                device: str, progress: Optional[Callable[[str], None]]) -> dict:
+    """Weights of ``variant`` pre-trained on all of BUS-BRA (trained once per protocol folder,
+    kept as ``pretrain/<variant>.pt``, resumable)."""
+    done = out_dir / "pretrain" / f"{variant}.pt"
+    if not done.is_file():
+        train, val = pretraining_split(settings, data_root)
+        if progress:
+            progress(f"[protocol] pre-training {variant} on BUS-BRA ({len(train)} training, {len(val)} validation frames)")
+        network, best = _train_variant(variant, settings, train, val, done.parent / f"{variant}_train", train_tf, val_tf,
+                                       device, epochs=settings.get("pretrain_epochs"))
+        torch.save({"state_dict": network.state_dict(), "best_epoch": best["epoch"], "val_metrics": best["metrics"]}, done)
+        shutil.rmtree(done.parent / f"{variant}_train", ignore_errors=True)
+    return torch.load(done, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def overlay_figure(out_dir: Path, split: Split, variants: Sequence[str], prepare: Callable[[Mapping], torch.Tensor],
@@ -365,6 +424,8 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
 
 
 SUMMARY_KEYS = METRIC_NAMES + ("energy_in_mask", "pointing_game", "iou")
+#: the recipe's figures (medium protocol): AUC by box margin and calibration
+RECIPE_KEYS = ("auc_tight", "auc_25", "auc_50", "auc_whole", "auc_saliency_box", "ece", "ece_uncalibrated")
 
 
 def summarize(out_dir: Path, datasets: Sequence[str] = ("ddti", "busbra", "busbra_cross"),
@@ -376,32 +437,41 @@ def summarize(out_dir: Path, datasets: Sequence[str] = ("ddti", "busbra", "busbr
     lines = []
     for dataset in datasets:
         per_variant = {}
-        curves = {}
+        curves, reliability = {}, {}
         for variant in variants:
             runs = [json.loads(p.read_text()) for p in sorted((out_dir / "runs" / dataset).glob(f"*/{variant}.json"))]
             if not runs:
                 continue
             entry = {"splits": {r["split"]: r["test"] for r in runs}, "seconds": sum(r["seconds"] for r in runs),
                      "cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in runs)}
-            for key in SUMMARY_KEYS:
+            keys = SUMMARY_KEYS + tuple(k for k in RECIPE_KEYS if any(k in r["test"] for r in runs))
+            for key in keys:
                 entry[key] = _mean_sd([r["test"].get(key) for r in runs])
             per_variant[variant] = entry
             probs = [rec["prob_malignant"] for r in runs for rec in r["records"]]
             labels = [rec["label"] for r in runs for rec in r["records"]]
             curves[VARIANTS[variant]["label"]] = (probs, labels)
+            if all("prob_uncalibrated" in rec for r in runs for rec in r["records"]):
+                raw = [rec["prob_uncalibrated"] for r in runs for rec in r["records"]]
+                reliability[VARIANTS[variant]["label"] + ", uncalibrated"] = (raw, labels)
+                reliability[VARIANTS[variant]["label"] + ", calibrated"] = (probs, labels)
         if not per_variant:
             continue
         results["datasets"][dataset] = per_variant
         if curves:
             plot_roc(curves, str(out_dir / f"roc_{dataset}.png"), title=f"{dataset}: test predictions of all splits")
+        if reliability:
+            plot_reliability(reliability, str(out_dir / f"reliability_{dataset}.png"),
+                             title=f"{dataset}: test predictions of all splits")
         n_splits = max(len(v["splits"]) for v in per_variant.values())
         lines.append(f"### {dataset} ({n_splits} splits; mean +- sd over splits)\n")
-        lines.append("| variant | " + " | ".join(SUMMARY_KEYS) + " |")
-        lines.append("|---|" + "---|" * len(SUMMARY_KEYS))
+        keys = SUMMARY_KEYS + tuple(k for k in RECIPE_KEYS if any(k in e for e in per_variant.values()))
+        lines.append("| variant | " + " | ".join(keys) + " |")
+        lines.append("|---|" + "---|" * len(keys))
         for variant, entry in per_variant.items():
             cells = []
-            for key in SUMMARY_KEYS:
-                m, s = entry[key]
+            for key in keys:
+                m, s = entry.get(key, (float("nan"), float("nan")))
                 cells.append("n/a" if math.isnan(m) else f"{m:.3f} +- {s:.3f}")
             lines.append(f"| {VARIANTS[variant]['label']} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -57,8 +57,8 @@ def test_calibrate_command_sets_the_validation_operating_point(tmp_path, small_m
     shutil.copyfile(small_model, model)
     rows = ddti_subset(3, 3, offset=40)
     csv_path = write_csv(rows, tmp_path / "val.csv")
-    out = subprocess.run([str(REPO / ".venv" / "bin" / "thyroid-nodule"), "calibrate", "--csv", str(csv_path), "--model", str(model)],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "thyroid-nodule"), "calibrate", "--csv", str(csv_path), "--model", str(model),
+                          "--no-temperature"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     predictor = NodulePredictor(model)
@@ -75,6 +75,37 @@ def test_calibrate_command_sets_the_validation_operating_point(tmp_path, small_m
     before = load_checkpoint(small_model)["state_dict"]
     assert after["state_dict"].keys() == before.keys()
     assert all(torch.equal(after["state_dict"][k], v) and after["state_dict"][k].dtype == v.dtype for k, v in before.items())
+
+
+def test_calibrate_command_folds_a_temperature_into_the_weights(tmp_path, small_model):
+    """By default ``calibrate`` also calibrates the probabilities: the served probabilities become
+    the old ones with their logits divided by the fitted temperature (ranking unchanged), the
+    threshold is Youden's on them, and the file records the temperature and the ECE."""
+    from thyroid_plugin.calibration import expected_calibration_error, fit_temperature, scale_probabilities
+
+    model = tmp_path / "m.pt"
+    shutil.copyfile(small_model, model)
+    rows = ddti_subset(4, 4, offset=40)
+    csv_path = write_csv(rows, tmp_path / "val.csv")
+    before = [NodulePredictor(model).predict(r["file"]).probabilities["malignant"] for r in rows]
+    labels = [int(r["label"] == "malignant") for r in rows]
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "thyroid-nodule"), "calibrate", "--csv", str(csv_path), "--model", str(model)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    t = fit_temperature(before, labels)
+    assert report["calibration"]["temperature"] == pytest.approx(t, rel=1e-3)
+    after = [NodulePredictor(model).predict(r["file"]).probabilities["malignant"] for r in rows]
+    assert after == pytest.approx(scale_probabilities(before, t).tolist(), abs=2e-3)  # fp16 weights in the file
+    payload = load_checkpoint(model)
+    assert payload["calibration"]["val_ece_after"] <= payload["calibration"]["val_ece_before"] + 1e-9
+    assert payload["calibration"]["val_ece_after"] == pytest.approx(expected_calibration_error(payload["validation"]["prob_malignant"], labels))
+    assert payload["threshold"] == pytest.approx(youden_threshold(payload["validation"]["prob_malignant"], labels))
+    # calibrating again does not compound the temperature
+    again = subprocess.run([str(REPO / ".venv" / "bin" / "thyroid-nodule"), "calibrate", "--csv", str(csv_path), "--model", str(model)],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["calibration"]["temperature"] == pytest.approx(t, rel=0.02)
 
 
 SCORES = ([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.3], [1, 1, 1, 0, 1, 0, 0])

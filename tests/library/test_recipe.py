@@ -1,0 +1,247 @@
+"""The training recipe (issue 14): lesion-centred crops with a margin, ultrasound augmentation,
+temperature calibration and the medium protocol at tiny scale, on real DDTI and BUS-BRA frames."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose
+
+from thyroid_plugin.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    fold_temperature,
+    plot_reliability,
+    reliability_bins,
+    scale_probabilities,
+)
+from thyroid_plugin.data import datalist_from_csv
+from thyroid_plugin.io import load_image
+from thyroid_plugin.lesion import FrameCache, LesionCropd, RandLesionCropd, box_from_saliency, lesion_box, margin_box
+from thyroid_plugin.networks import SaliencyGuidedClassifier
+from thyroid_plugin.transforms import MIN_ROI_SIDE, preprocess_transforms
+from thyroid_plugin.us_augment import RandScreenMarksd, RandUltrasoundShiftd
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def busbra_items() -> list[dict]:
+    items = datalist_from_csv(DATA / "busbra" / "labels.csv")
+    return items[:6]
+
+
+@pytest.fixture(scope="module")
+def ddti_items() -> list[dict]:
+    items = [d for d in datalist_from_csv(DATA / "ddti" / "labels.csv") if d.get("mask")]
+    return items[:6]
+
+
+# ---- boxes
+
+
+def test_lesion_box_is_the_bounding_box_of_the_mask(busbra_items):
+    d = busbra_items[0]
+    mask = np.asarray(load_image(d["mask"]).array)
+    x0, y0, x1, y1 = lesion_box(mask)
+    m = mask > 0
+    assert m[y0:y1, x0:x1].sum() == m.sum()  # every lesion pixel inside
+    assert m[y0, x0:x1].any() and m[y1 - 1, x0:x1].any() and m[y0:y1, x0].any() and m[y0:y1, x1 - 1].any()  # tight
+    assert lesion_box(np.zeros((10, 10), np.uint8)) is None
+
+
+def test_margin_box_grows_by_the_lesion_size_and_stays_in_the_frame():
+    box = (40, 30, 60, 70)  # 20 wide, 40 tall
+    assert margin_box(box, 0.0, (100, 100)) == box
+    assert margin_box(box, 0.25, (100, 100)) == (35, 20, 65, 80)
+    assert margin_box(box, 0.5, (100, 100), shift=(0.5, 0.0)) == (40, 10, 80, 90)
+    assert margin_box(box, 5.0, (100, 100)) == (0, 0, 100, 100)
+    tiny = margin_box((0, 0, 2, 2), 0.0, (100, 100))
+    assert tiny[2] - tiny[0] >= MIN_ROI_SIDE and tiny[3] - tiny[1] >= MIN_ROI_SIDE and min(tiny) >= 0
+
+
+def test_a_crop_gives_the_numbers_the_served_path_gives_for_that_box(busbra_items):
+    """Training and evaluation crops are converted and resized exactly as a served request with
+    the same box (bit for bit)."""
+    cache = FrameCache(48)
+    served = Compose(preprocess_transforms(48))
+    for d in busbra_items[:3]:
+        box = margin_box(cache.box(d), 0.25, cache.frame(d).shape[:2])
+        ours = cache.crop(d, box)
+        theirs = torch.as_tensor(served({"image": d["image"], "roi": list(box)})["image"])
+        assert ours.shape == (3, 48, 48)
+        assert torch.equal(ours, theirs.float())
+        assert torch.equal(cache.crop(d, None), torch.as_tensor(served({"image": d["image"], "roi": None})["image"]).float())
+
+
+def test_random_crops_contain_the_lesion_and_vary_and_whole_frames_come_at_their_rate(busbra_items):
+    cache = FrameCache(32)
+    crop = RandLesionCropd(cache, max_margin=0.6, jitter=0.0, whole_frame_prob=0.0)
+    crop.set_random_state(0)
+    d = busbra_items[1]
+    lesion = cache.box(d)
+    boxes = {crop.sample_box(d) for _ in range(20)}
+    assert len(boxes) > 10
+    for x0, y0, x1, y1 in boxes:
+        assert x0 <= lesion[0] and y0 <= lesion[1] and x1 >= lesion[2] and y1 >= lesion[3]
+    whole = RandLesionCropd(cache, whole_frame_prob=0.3)
+    whole.set_random_state(1)
+    n_whole = sum(whole.sample_box(d) is None for _ in range(400))
+    assert 80 <= n_whole <= 160  # 120 expected
+    out = RandLesionCropd(cache, whole_frame_prob=1.0)(d)
+    assert torch.equal(out["image"], cache.crop(d, None))
+
+
+def test_fixed_margin_crops_are_deterministic_and_frames_without_a_mask_are_whole(ddti_items):
+    cache = FrameCache(32)
+    d = ddti_items[0]
+    a = LesionCropd(cache, 0.25)(d)["image"]
+    assert torch.equal(a, LesionCropd(cache, 0.25)(d)["image"])
+    no_mask = {k: v for k, v in d.items() if k != "mask"}
+    fresh = FrameCache(32)
+    assert torch.equal(LesionCropd(fresh, 0.25)(no_mask)["image"], fresh.crop(no_mask, None))
+
+
+def test_the_saliency_box_surrounds_the_region_holding_most_saliency():
+    s = np.zeros((32, 32))
+    s[4:8, 4:8] = 0.6  # a small bright spot
+    s[16:24, 10:20] = 0.9  # the nodule: more mass
+    box = box_from_saliency(s, (320, 640), margin=0.0)  # frame 10x taller, 20x wider
+    assert box == (200, 160, 400, 240)
+    assert box_from_saliency(s, (320, 640), margin=0.25) == (150, 140, 450, 260)
+    assert box_from_saliency(np.full((32, 32), 0.5), (320, 640)) is None
+
+
+# ---- ultrasound augmentation
+
+
+def _frame(items) -> torch.Tensor:
+    return FrameCache(64).crop(items[0], None)
+
+
+def test_ultrasound_shift_keeps_range_and_shape_and_is_reproducible(busbra_items):
+    x = _frame(busbra_items)
+    t = RandUltrasoundShiftd(prob=1.0)
+    t.set_random_state(3)
+    a = t({"image": x})["image"]
+    t.set_random_state(3)
+    b = t({"image": x})["image"]
+    assert a.shape == x.shape and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert torch.equal(a, b)
+    assert float((a - x).abs().mean()) > 0.01
+    assert RandUltrasoundShiftd(prob=0.0)({"image": x})["image"].equal(x)
+
+
+def test_depth_scale_keeps_the_skin_line_at_the_top(busbra_items):
+    x = _frame(busbra_items)
+    t = RandUltrasoundShiftd(prob=1.0)
+    t.set_random_state(0)
+    t.randomize()
+    t._stretch = 0.8
+    y = t._apply_depth_scale(x)
+    assert y.shape == x.shape
+    assert float(y[:, -10:].abs().max()) == 0.0  # shorter image: nothing below the last echo
+    assert torch.allclose(y[:, 0], x[:, 0], atol=0.05)
+
+
+def test_screen_marks_draw_bright_or_coloured_marks_and_leave_most_pixels(busbra_items):
+    x = _frame(busbra_items)
+    marks = RandScreenMarksd(prob=1.0)
+    changed = []
+    for seed in range(10):
+        marks.set_random_state(seed)
+        y = marks({"image": x})["image"]
+        assert y.shape == x.shape and float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+        diff = (y - x).abs().amax(dim=0) > 0.05
+        changed.append(float(diff.float().mean()))
+    assert min(changed) > 0.0  # every call drew something
+    assert np.median(changed) < 0.25  # marks, not a new image
+
+
+# ---- calibration
+
+
+def test_temperature_scaling_recovers_an_over_confident_model():
+    rng = np.random.default_rng(0)
+    d = rng.normal(0, 3, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-d / 3))).astype(int)  # true probabilities sigmoid(d / 3)
+    p = 1 / (1 + np.exp(-d))  # an over-confident model: T = 3 calibrates it
+    t = fit_temperature(p, y)
+    assert 2.6 < t < 3.4
+    before, after = expected_calibration_error(p, y), expected_calibration_error(scale_probabilities(p, t), y)
+    assert before > 0.1 and after < 0.04
+    order = np.argsort(p)
+    assert np.all(np.diff(scale_probabilities(p, t)[order]) >= 0)  # ranking (AUC) unchanged
+    assert fit_temperature([0.2, 0.9], [1, 1]) == 1.0
+
+
+def test_ece_matches_its_definition_on_a_small_example():
+    p = [0.05, 0.15, 0.12, 0.85, 0.95, 0.55]
+    y = [0, 0, 1, 1, 1, 0]
+    bins = reliability_bins(p, y, 10)
+    assert [b["count"] for b in bins] == [1, 2, 1, 1, 1]
+    expected = (abs(0 - 0.05) + 2 * abs(0.5 - 0.135) + abs(0 - 0.55) + abs(1 - 0.85) + abs(1 - 0.95)) / 6
+    assert expected_calibration_error(p, y, 10) == pytest.approx(expected)
+
+
+def test_folding_the_temperature_divides_the_logits(tmp_path):
+    torch.manual_seed(0)
+    net = SaliencyGuidedClassifier(base_channels=8, num_scales=3, saliency_channels=[4, 4, 8, 8, 8, 8], head_hidden=16).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = net(x).logits
+        after = fold_temperature(net, 2.5)(x).logits
+    assert torch.allclose(after, before / 2.5, atol=1e-5)
+    path = plot_reliability({"a": ([0.1, 0.8, 0.7, 0.3], [0, 1, 0, 1])}, str(tmp_path / "rel.png"))
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the medium protocol at tiny scale
+
+
+def _subset(src: Path, dst: Path, n: int, extra=()) -> None:
+    with open(src / "labels.csv", newline="") as fp:
+        rows = list(csv.DictReader(fp))
+    benign = [r for r in rows if r["label"] == "benign"][: n // 2]
+    malignant = [r for r in rows if r["label"] == "malignant"][: n - n // 2]
+    dst.mkdir(parents=True)
+    with open(dst / "labels.csv", "w", newline="") as fp:
+        w = csv.DictWriter(fp, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in benign + malignant:
+            w.writerow({**r, "file": str(src / r["file"]), "mask": str(src / r["mask"])})
+
+
+@pytest.mark.slow
+def test_medium_protocol_pretrains_fine_tunes_and_reports_margins_and_calibration(tmp_path):
+    from thyroid_plugin.evaluation import run_protocol
+
+    root = tmp_path / "data"
+    _subset(DATA / "ddti", root / "ddti", 40)
+    _subset(DATA / "busbra", root / "busbra", 16)
+    out = tmp_path / "out"
+    overrides = {"image_size": 32, "epochs": 1, "pretrain_epochs": 1, "batch_size": 8}
+    messages: list[str] = []
+    results = run_protocol(out, "medium", ["ddti"], ["single_branch"], root, overrides, progress=messages.append)
+    assert any("pre-training single_branch" in m for m in messages)
+    assert (out / "pretrain" / "single_branch.pt").is_file()
+    runs = sorted((out / "runs" / "ddti").glob("fold*/single_branch.json"))
+    assert len(runs) == 5
+    test = json.loads(runs[0].read_text())["test"]
+    for key in ("auc_tight", "auc_25", "auc_50", "auc_whole", "auc_saliency_box", "ece", "ece_uncalibrated", "temperature"):
+        assert key in test
+    assert test["headline_margin"] == "25%"
+    entry = results["datasets"]["ddti"]["single_branch"]
+    assert "auc_whole" in entry and "ece" in entry
+    assert (out / "reliability_ddti.png").is_file() and (out / "roc_ddti.png").is_file()
+    assert "auc_25" in (out / "tables.md").read_text()
+    # resumable: a second run trains nothing
+    stamp = runs[0].stat().st_mtime_ns
+    messages.clear()
+    run_protocol(out, "medium", ["ddti"], ["single_branch"], root, overrides, progress=messages.append)
+    assert not messages and runs[0].stat().st_mtime_ns == stamp

@@ -1,0 +1,144 @@
+"""The training recipe of the ``medium`` protocol and the shipped model: lesion-centred crops with
+a random margin and whole frames (:mod:`thyroid_plugin.lesion`), ultrasound augmentation for
+scanner shift (:mod:`thyroid_plugin.us_augment`), more lesions from BUS-BRA (mixed in, or as
+pre-training), evaluation against the box margin, and temperature calibration on the validation
+data (:mod:`thyroid_plugin.calibration`).
+
+Evaluation of one trained network on a test set (:func:`evaluate_recipe`):
+
+- ROC-AUC with a box of each margin in ``settings["test_margins"]`` (tight, 25 %, 50 %, whole
+  frame), the box drawn from the expert mask as a user would draw it;
+- the headline figures at ``settings["headline_margin"]`` (25 %: a loose box), with the
+  probabilities calibrated by the temperature fitted on the validation predictions; the
+  expected calibration error before and after;
+- saliency against the mask on whole frames (where the map and the mask share a grid);
+- a whole frame without a box, classified on the crop its own saliency map points at
+  (``auc_saliency_box``: the saliency network as a nodule localiser).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from .calibration import expected_calibration_error, fit_temperature, scale_probabilities
+from .data import datalist_from_csv, grouped_split
+from .lesion import FrameCache, box_from_saliency, LesionCropd, RandLesionCropd, margin_box, margin_label, margins_from
+from .metrics import binary_metrics
+from .transforms import augmentation_transforms
+from .us_augment import ultrasound_shift_transforms
+
+__all__ = ["CropInputs", "DDTI_RECIPES", "evaluate_recipe", "margin_key", "recipe_train_list"]
+
+logger = logging.getLogger(__name__)
+
+#: how DDTI folds use BUS-BRA: not at all, mixed into every fold's training set, or a network
+#: pre-trained once on all of BUS-BRA and fine-tuned on each fold
+DDTI_RECIPES = ("alone", "mixed", "pretrain")
+
+
+def margin_key(margin: Optional[float]) -> str:
+    """``auc_tight``, ``auc_25``, ``auc_50``, ``auc_whole``: the result key of a margin."""
+    if margin is None:
+        return "auc_whole"
+    return "auc_tight" if margin == 0 else f"auc_{round(100 * margin)}"
+
+
+class CropInputs:
+    """Training and evaluation inputs of the recipe, all cut from one :class:`FrameCache`."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings = settings
+        self.size = int(settings["image_size"])
+        self.cache = FrameCache(self.size)
+
+    def train_transforms(self) -> list:
+        crops = dict(self.settings.get("crops") or {})
+        return ([RandLesionCropd(self.cache, **crops)] + augmentation_transforms(self.size, self.settings.get("augmentation"))
+                + ultrasound_shift_transforms(self.settings.get("us_augmentation")))
+
+    def val_transforms(self) -> list:
+        return [LesionCropd(self.cache, self.settings.get("val_margin", 0.25))]
+
+    def boxed(self, items: Sequence[Mapping], margin: Optional[float]) -> list[dict]:
+        """The items with the box a user would draw at ``margin`` as ``roi`` (none for the whole
+        frame or without a lesion mask)."""
+        out = []
+        for d in items:
+            box = self.cache.box(d)
+            roi = None if margin is None or box is None else list(margin_box(box, margin, self.cache.frame(d).shape[:2]))
+            out.append({**d, "roi": roi})
+        return out
+
+    def prepare(self, item: Mapping) -> torch.Tensor:
+        """Network input of an item: its ``roi`` crop, or the whole frame."""
+        roi = item.get("roi")
+        return self.cache.crop(item, tuple(roi) if roi else None)
+
+
+def recipe_train_list(dataset: str, train: Sequence[Mapping], settings: Mapping[str, Any], data_root: Path) -> list:
+    """The training list of a split: BUS-BRA added to DDTI folds with the ``mixed`` recipe."""
+    if dataset == "ddti" and settings.get("ddti_recipe") == "mixed":
+        return list(train) + datalist_from_csv(data_root / "busbra" / "labels.csv")
+    return list(train)
+
+
+def pretraining_split(settings: Mapping[str, Any], data_root: Path) -> tuple[list, list]:
+    """All of BUS-BRA, patient-grouped into training and validation (never DDTI's test data:
+    the two collections share nothing)."""
+    items = datalist_from_csv(data_root / "busbra" / "labels.csv")
+    return grouped_split(items, settings["val_fraction"], settings["seed"])
+
+
+def saliency_boxed(items: Sequence[Mapping], maps: Mapping[str, Any], margin: float) -> list[dict]:
+    """The items boxed where their whole-frame saliency map points (:func:`box_from_saliency`);
+    items without a map or with a flat one stay whole frames."""
+    out = []
+    for d in items:
+        m = maps.get(d["image"])
+        box = box_from_saliency(m, m.shape, margin) if m is not None else None
+        out.append({**d, "roi": list(box) if box else None})
+    return out
+
+
+def evaluate_recipe(network: torch.nn.Module, variant: str, test: Sequence[Mapping], inputs: CropInputs,
+                    validation: Optional[tuple[Sequence[float], Sequence[int]]],
+                    evaluate: Callable[..., dict]) -> dict:
+    """Test figures of a trained network (see the module docstring). ``validation`` is the
+    ``(probabilities, labels)`` of its best epoch on the validation set (temperature fitting);
+    ``evaluate(network, variant, items, prepare)`` is the protocol's evaluation of a list.
+
+    Returns ``{"test": summary, "records": per image, "temperature": T}``."""
+    settings = inputs.settings
+    temperature = fit_temperature(*validation) if validation else 1.0
+    headline = settings.get("headline_margin", 0.25)
+    by_margin: dict = {}
+    for margin in margins_from(settings.get("test_margins", [0.0, 0.25, 0.5, None])):
+        keep = [d["image"] for d in test] if margin is None else ()
+        by_margin[margin] = evaluate(network, variant, inputs.boxed(test, margin), inputs.prepare, keep_maps=keep)
+    if headline not in by_margin:
+        by_margin[headline] = evaluate(network, variant, inputs.boxed(test, headline), inputs.prepare)
+    main = by_margin[headline]
+    raw = [r["prob_malignant"] for r in main["records"]]
+    labels = [r["label"] for r in main["records"]]
+    calibrated = scale_probabilities(raw, temperature).tolist()
+    summary = binary_metrics(calibrated, labels)
+    for margin, result in by_margin.items():
+        summary[margin_key(margin)] = result["summary"]["auc"]
+    whole = by_margin.get(None)
+    if whole is not None:
+        for key in ("energy_in_mask", "pointing_game", "iou", "saliency_source"):
+            if key in whole["summary"]:
+                summary[key] = whole["summary"][key]
+        if whole["maps"]:
+            localised = evaluate(network, variant, saliency_boxed(test, whole["maps"], headline or 0.25), inputs.prepare)
+            summary["auc_saliency_box"] = localised["summary"]["auc"]
+    summary["ece"] = expected_calibration_error(calibrated, labels)
+    summary["ece_uncalibrated"] = expected_calibration_error(raw, labels)
+    summary["temperature"] = temperature
+    summary["headline_margin"] = margin_label(headline)
+    records = [{**r, "prob_malignant": p, "prob_uncalibrated": q} for r, p, q in zip(main["records"], calibrated, raw)]
+    return {"test": summary, "records": records, "temperature": temperature}
