@@ -55,3 +55,25 @@ def test_the_routes_are_not_installed_on_another_version(monkeypatch):
     with pytest.raises(MonaiLabelVersionError, match="request handling"):
         routes.install(app, known_models=lambda: {"classify_nodule"}, check_image=lambda image_id: None)
     assert not getattr(app.state, "thyroid_nodule_routes", False)
+
+
+@pytest.mark.slow
+def test_the_server_stops_at_start_with_one_line_on_another_version(tmp_path):
+    """A real ``monailabel start_server`` whose MONAI Label reports another version (set by a
+    ``sitecustomize`` before the app loads) exits with 2 and one error line, no traceback."""
+    import os
+
+    from tests.support.server import MonaiLabelServer
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import monailabel\nmonailabel.__version__ = '0.9.0'\n")
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    server = MonaiLabelServer(tmp_path / "studies", tmp_path / "model", env={"PYTHONPATH": path},
+                              log_path=tmp_path / "server.log")
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        server.start(timeout=180)
+    log = (tmp_path / "server.log").read_text()
+    errors = [line for line in log.splitlines() if "[ERROR]" in line]
+    assert "Traceback" not in log
+    assert len(errors) == 1 and "MONAI Label 0.9.0 is installed" in errors[0] and WRITTEN_FOR in errors[0], log
