@@ -41,7 +41,7 @@ from tests.support.server import MonaiLabelServer, parse_multipart  # noqa: E402
 from thyroid_plugin.config import load_config  # noqa: E402
 from thyroid_plugin.inference import NodulePredictor  # noqa: E402
 from thyroid_plugin.io import load_image  # noqa: E402
-from thyroid_plugin.studies import import_collection  # noqa: E402
+from thyroid_plugin.monailabel_adapter import import_collection  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:

@@ -195,7 +195,7 @@ def summarize(records: List[dict], wall: float, busy_deadline: float) -> dict:
 
 def start_server(args, workdir: Path):
     from tests.support.server import MonaiLabelServer
-    from thyroid_plugin.studies import import_collection
+    from thyroid_plugin.monailabel_adapter import import_collection
 
     model = Path(args.model)
     if not model.is_file():

@@ -218,7 +218,7 @@ def cmd_predict(args) -> int:
 
 def cmd_import(args) -> int:
     from .data import load_datalist
-    from .studies import import_collection
+    from .monailabel_adapter import import_collection
 
     datalist = load_datalist(args.source)
     if args.limit:

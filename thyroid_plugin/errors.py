@@ -49,3 +49,10 @@ def short_repr(value, limit: int = 80) -> str:
     except ValueError:  # an integer too long to print
         text = type(value).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_line(error: BaseException, limit: int = 200, default: str | None = None) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters (``default``, else
+    the exception's type name, when the message is empty)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else (default if default is not None else type(error).__name__)

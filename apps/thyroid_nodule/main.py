@@ -26,8 +26,8 @@ from monailabel.tasks.activelearning.random import Random
 
 import thyroid_plugin
 from thyroid_plugin.constants import CLASS_NAMES, TASK_NAME
-from thyroid_plugin.io import is_partial_file
-from thyroid_plugin.studies import ConfirmedCasesDatastore, StudiesFolderError, check_id
+from thyroid_plugin.monailabel_adapter import ConfirmedCasesDatastore, MonaiLabelVersionError
+from thyroid_plugin.studies import StudiesFolderError, check_id, remove_partial_files
 
 from lib.archive import is_archive_url
 from lib.archive.settings import archive_datastore
@@ -66,7 +66,7 @@ class ThyroidNoduleApp(MONAILabelApp):
                 auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             )
-        except StudiesFolderError as e:
+        except (StudiesFolderError, MonaiLabelVersionError) as e:
             _fatal(f"cannot start: {e}")
 
     def _load_sessions(self, load: bool = False):
@@ -143,21 +143,25 @@ class ThyroidNoduleApp(MONAILabelApp):
         from lib.trainers.classify_nodule import check_train_options
 
         server = sys.modules["monailabel.app"]
-        self._remove_partial_models()
+        # what an interrupted model publication left (nothing else writes there at start)
+        remove_partial_files([self.model_dir])
         timeouts = {k: float(self.conf[k]) for k in routes.DEFAULT_TIMEOUTS if k in self.conf}
-        routes.install(
-            server.app,
-            known_models=lambda: set(self._infers),
-            check_image=self._check_image,
-            infer_concurrency=int(self.conf.get("infer_concurrency", 1)),
-            infer_queue=int(self.conf.get("infer_queue", 16)),
-            max_upload_mb=int(self.conf.get("max_upload_mb", 64)),
-            install_model=lambda model, path: self.task_config.install_model(path),
-            remove_model=self._remove_model,
-            check_train_options=check_train_options,
-            studies=self.studies,
-            timeouts=timeouts,
-        )
+        try:
+            routes.install(
+                server.app,
+                known_models=lambda: set(self._infers),
+                check_image=self._check_image,
+                infer_concurrency=int(self.conf.get("infer_concurrency", 1)),
+                infer_queue=int(self.conf.get("infer_queue", 16)),
+                max_upload_mb=int(self.conf.get("max_upload_mb", 64)),
+                install_model=lambda model, path: self.task_config.install_model(path),
+                remove_model=self._remove_model,
+                check_train_options=check_train_options,
+                studies=self.studies,
+                timeouts=timeouts,
+            )
+        except MonaiLabelVersionError as e:
+            _fatal(f"cannot start: {e}")
 
     def _remove_model(self, model: str) -> Dict[str, str]:
         from fastapi import HTTPException
@@ -166,16 +170,6 @@ class ThyroidNoduleApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail="there is no trained or installed model to remove; the shipped "
                                                         "model is served and stays")
         return self.task_config.remove_model()
-
-    def _remove_partial_models(self) -> None:
-        """Delete what an interrupted model publication left in the model folder (the server
-        process only, at start, when nothing else writes there)."""
-        if not os.path.isdir(self.model_dir):
-            return
-        for entry in os.scandir(self.model_dir):
-            if entry.is_file(follow_symlinks=False) and is_partial_file(entry.name):
-                os.unlink(entry.path)
-                logger.warning("removed %s, left behind by an interrupted model publication", entry.path)
 
 
 def _in_server_process() -> bool:

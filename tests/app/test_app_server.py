@@ -18,7 +18,7 @@ from PIL import Image
 
 from monailabel.client import MONAILabelClient
 from thyroid_plugin.checkpoint import load_checkpoint
-from thyroid_plugin.studies import import_collection
+from thyroid_plugin.monailabel_adapter import import_collection
 from tests.support.images import write_png_bomb, write_slicer_file, write_truncated, write_volume_nrrd
 from tests.support.paths import ddti_subset
 from tests.support.server import MonaiLabelServer, parse_multipart, wait_for_batch

@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from thyroid_plugin.studies import import_collection
+from thyroid_plugin.monailabel_adapter import import_collection
 from tests.support.paths import ddti_subset
 from tests.support.server import MonaiLabelServer
 

@@ -7,7 +7,7 @@ import json
 import shutil
 import subprocess
 
-from thyroid_plugin.studies import ConfirmedCasesDatastore
+from thyroid_plugin.monailabel_adapter import ConfirmedCasesDatastore
 from tests.support.paths import REPO, ddti_subset, write_csv
 
 CLI = str(REPO / ".venv" / "bin" / "thyroid-nodule")

@@ -33,7 +33,7 @@ def datalist(rows: list[dict]) -> list[dict]:
 
 
 def make_studies(root: Path, confirmed: list[dict], unconfirmed: Iterable[dict] = ()) -> Path:
-    from thyroid_plugin.studies import import_collection
+    from thyroid_plugin.monailabel_adapter import import_collection
 
     studies = root / "studies"
     import_collection(datalist(confirmed), studies)

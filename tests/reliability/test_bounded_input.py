@@ -21,7 +21,8 @@ from PIL import Image
 
 from thyroid_plugin.errors import ImageTooLargeError, InvalidImageError, client_text
 from thyroid_plugin.io import load_image
-from thyroid_plugin.studies import ConfirmedCasesDatastore, InvalidRequestError
+from thyroid_plugin.monailabel_adapter import ConfirmedCasesDatastore
+from thyroid_plugin.studies import InvalidRequestError
 from tests.support.nasty import GENERATED_EXPECTED, generated_payloads
 from tests.support.paths import PYTHON, REPO
 
@@ -189,8 +190,8 @@ def store(tmp_path):
 
 
 def _snapshot(store) -> tuple:
-    root = Path(store._datastore_path)
-    return (Path(store._datastore_config_path).read_bytes(),
+    root = Path(store.path)
+    return (Path(store.config_path).read_bytes(),
             sorted(str(p.relative_to(root)) for p in root.rglob("*")))
 
 
@@ -241,10 +242,10 @@ def test_a_good_label_and_roi_are_still_stored(store, tmp_path):
 def test_a_change_by_another_process_is_seen_even_with_the_same_mtime(store, tmp_path):
     """Two writes within the file system's timestamp granularity looked unchanged (float
     ``st_mtime`` was compared); the inode, nanoseconds and size are compared now."""
-    config = Path(store._datastore_config_path)
+    config = Path(store.config_path)
     store.list_images()
     before = os.stat(config)
-    other = ConfirmedCasesDatastore(store._datastore_path)
+    other = ConfirmedCasesDatastore(store.path)
     other.update_image_info("frame", {"case": "changed elsewhere"})
     os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))  # same timestamp as before
     assert store.get_image_info("frame").get("case") == "changed elsewhere"

@@ -24,7 +24,8 @@ from PIL import Image
 
 from thyroid_plugin.errors import ImageTooLargeError, InvalidImageError
 from thyroid_plugin.io import atomic_copy_file, is_partial_file, load_image
-from thyroid_plugin.studies import ConfirmedCasesDatastore, InvalidRequestError, StudiesFolderError
+from thyroid_plugin.monailabel_adapter import ConfirmedCasesDatastore
+from thyroid_plugin.studies import InvalidRequestError, StudiesFolderError
 from tests.support.limits import file_size_limit
 from tests.support.nasty import EXPECTED, nasty_files
 from tests.support.paths import PYTHON, REPO
@@ -109,7 +110,7 @@ def test_images_and_labels_are_stored_by_content_not_by_name(store, frames, tmp_
     upload = tmp_path / "upload.sh"  # a client's name says nothing about the content
     shutil.copyfile(frames[0]["mask"], upload)
     store.save_label(image_id, str(upload), "final", {"diagnosis": "benign", "roi": [1, 2, 100, 120]})
-    labels = store._datastore.label_path("final")
+    labels = os.path.join(store.path, "labels", "final")
     assert os.listdir(labels) == [f"{image_id}.png"]
     # a label saved again as NRRD replaces the PNG one (no stale second file)
     import nrrd
@@ -120,26 +121,26 @@ def test_images_and_labels_are_stored_by_content_not_by_name(store, frames, tmp_
     store.save_label(image_id, str(tmp_path / "mask.bin"), "final", {"diagnosis": "malignant"})
     assert os.listdir(labels) == [f"{image_id}.nrrd"]
     # the diagnosis and the label were written in the same datastore write
-    saved = json.loads((Path(store._datastore_path) / "datastore_v2.json").read_text())["objects"][image_id]
+    saved = json.loads(Path(store.config_path).read_text())["objects"][image_id]
     assert saved["image"]["info"]["diagnosis"] == "malignant" and saved["labels"]["final"]["ext"] == ".nrrd"
     # something that is not an image is refused as a label, and nothing changes
     (tmp_path / "notes.png").write_text("not a mask")
     with pytest.raises(InvalidImageError):
         store.save_label(image_id, str(tmp_path / "notes.png"), "final", {})
     assert os.listdir(labels) == [f"{image_id}.nrrd"]
-    check_studies_consistent(Path(store._datastore_path))
+    check_studies_consistent(Path(store.path))
 
 
 @pytest.mark.parametrize("info", [{"roi": [float("nan"), 1, 2, 3]}, {"notes": {"score": float("inf")}},
                                   {"diagnosis": "benign", "x": [float("-inf")]}])
 def test_nan_and_infinity_never_reach_the_datastore_file(store, frames, info):
     image_id = Path(frames[1]["file"]).stem
-    before = (Path(store._datastore_path) / "datastore_v2.json").read_bytes()
+    before = Path(store.config_path).read_bytes()
     with pytest.raises(InvalidRequestError):
         store.update_image_info(image_id, info)
     with pytest.raises(InvalidRequestError):
         store.save_label(image_id, frames[1]["mask"], "final", info)
-    assert (Path(store._datastore_path) / "datastore_v2.json").read_bytes() == before
+    assert Path(store.config_path).read_bytes() == before
     json.loads(before)  # still plain JSON, readable by MONAI Label
 
 
@@ -189,7 +190,7 @@ def test_kill_during_a_label_save_leaves_the_old_or_the_new_label(tmp_path, fram
     ds.add_image("a", str(masks[0]), {})  # an image of the masks' size: a label must be on its grid
     ds.save_label("a", str(masks[0]), "final", {})
     code = textwrap.dedent(f"""
-        from thyroid_plugin.studies import ConfirmedCasesDatastore
+        from thyroid_plugin.monailabel_adapter import ConfirmedCasesDatastore
         ds = ConfirmedCasesDatastore({str(studies)!r})
         n = 0
         while True:
@@ -305,13 +306,13 @@ def test_upload_names_are_neutralised(name, safe):
 def test_params_json_is_checked(text, status):
     from fastapi import HTTPException
 
-    from lib.routes import _check_json_object
+    from lib.routes import json_object_field
 
     if status is None:
-        _check_json_object("params", text)
+        json_object_field("params", text)
         return
     with pytest.raises(HTTPException) as e:
-        _check_json_object("params", text)
+        json_object_field("params", text)
     assert e.value.status_code == status and "params" in e.value.detail
 
 
@@ -332,7 +333,7 @@ def test_infer_params_keep_roi_and_frame_only():
 def test_the_documented_backup_lock_holds_writers_back(store, frames):
     """``flock <studies>/.writer.lock <copy command>`` (docs/operating.md, Backups) makes
     writers wait, so a backup taken under it is consistent as a whole."""
-    studies = Path(store._datastore_path)
+    studies = Path(store.path)
     holder = subprocess.Popen(["flock", str(studies / ".writer.lock"), "sleep", "2"])
     try:
         time.sleep(0.5)  # the lock is taken

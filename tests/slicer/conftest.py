@@ -36,7 +36,7 @@ def scene():
 def server(tmp_path_factory, small_model) -> MonaiLabelServer:
     """A real MONAI Label server running the app on a small real model, with 8 confirmed and
     4 unconfirmed DDTI frames in its studies folder."""
-    from thyroid_plugin.studies import import_collection
+    from thyroid_plugin.monailabel_adapter import import_collection
 
     root = tmp_path_factory.mktemp("slicer_server")
     model_dir = root / "model"

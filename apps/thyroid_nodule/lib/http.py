@@ -12,11 +12,13 @@ written (``EROFS``, ``EACCES``, ``EPERM``) or any other I/O error is ``503``.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 from contextlib import contextmanager
 
 from fastapi import HTTPException
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelException
 
 from thyroid_plugin.errors import (
@@ -83,12 +85,20 @@ def http_errors():
         raise storage_error(e) from None
 
 
-def with_http_errors(method):
-    """Decorator form of :func:`http_errors`."""
+async def storage_error_response(request, exc: OSError) -> JSONResponse:
+    """Exception handler: an ``OSError`` anywhere in a request (also while FastAPI spools an
+    upload to disk) is a 507/503 (:func:`storage_error`)."""
+    e = storage_error(exc)
+    return JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers)
 
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with http_errors():
-            return method(*args, **kwargs)
 
-    return wrapper
+async def http_error_response(request, exc: StarletteHTTPException):
+    """Exception handler: an ``HTTPException`` raised because of a storage error or another
+    ``HTTPException`` (e.g. the body limit hit while FastAPI parsed a form, which it reports as
+    "There was an error parsing the body") answers with its cause."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError):
+        return await storage_error_response(request, cause)
+    if isinstance(cause, StarletteHTTPException):
+        return await http_exception_handler(request, cause)
+    return await http_exception_handler(request, exc)
