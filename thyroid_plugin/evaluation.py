@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.visualize import GradCAM
+from monai.visualize.class_activation_maps import ModelWithHooks
 
 from .data import cross_centre_split, datalist_from_csv, grouped_kfold, grouped_split
 from .engine import TrainSettings, fit
@@ -141,23 +143,43 @@ def _feature_layer(network: torch.nn.Module, name: str) -> Optional[torch.nn.Mod
     return None
 
 
-def grad_cam(network: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM of the predicted class: ``(B, 3, S, S)`` -> ``(B, 1, S, S)`` in ``[0, 1]``."""
-    store: dict = {}
-    handle = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    try:
+class _LogitsOf(torch.nn.Module):
+    """``network`` with its class logits as the output, the form MONAI's CAM classes expect."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x).logits
+
+
+class _EachImagesClass(ModelWithHooks):
+    """MONAI's hooks, scoring each image's own class: MONAI 1.6 indexes ``logits[:, class_idx]``,
+    which with the per-image predicted classes of a batch mixes the images' classes."""
+
+    def class_score(self, logits: torch.Tensor, class_idx) -> torch.Tensor:
+        idx = torch.as_tensor(class_idx, device=logits.device).reshape(-1, 1).expand(logits.shape[0], 1)
+        return logits.gather(1, idx).squeeze(1)
+
+
+def grad_cam(network: torch.nn.Module, layer: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Grad-CAM of the predicted class (``monai.visualize.GradCAM`` at ``layer``), as a function
+    ``(B, 3, S, S) -> (B, 1, S, S)`` in ``[0, 1]`` (each map divided by its peak; all-zero maps stay 0).
+
+    MONAI keeps its hooks on ``layer`` for the network's lifetime: for a network being evaluated."""
+    name = next(n for n, m in network.named_modules() if m is layer)
+    hooks = _EachImagesClass(_LogitsOf(network), f"network.{name}", register_forward=True, register_backward=True)
+    cam = GradCAM(hooks, target_layers=f"network.{name}",
+                  postprocessing=lambda m: m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12))
+
+    def explain(x: torch.Tensor) -> torch.Tensor:
+        # MONAI puts the wrapped module back in the mode the wrapper was in: the network's own
+        hooks.model.train(network.training)
         with torch.enable_grad():
-            x = x.clone().requires_grad_(False)
-            out = network(x)
-            logits = out.logits
-            score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
-            grads = torch.autograd.grad(score, store["a"])[0]
-        cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * store["a"]).sum(1, keepdim=True)).detach()
-    finally:
-        handle.remove()
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
-    peak = cam.amax(dim=(2, 3), keepdim=True)
-    return torch.where(peak > 0, cam / peak.clamp_min(1e-12), cam)
+            return cam(x).detach()
+
+    return explain
 
 
 class Preprocessed:
@@ -200,6 +222,7 @@ def evaluate_split(network: torch.nn.Module, name: str, items: Sequence[Mapping]
     network, Grad-CAM. Returns per-image records, the summary and the kept maps."""
     network = network.eval()
     layer = _feature_layer(network, name)
+    cam = grad_cam(network, layer) if layer is not None else None
     keep = set(keep_maps)
     records, maps = [], {}
     for start in range(0, len(items), batch_size):
@@ -209,8 +232,8 @@ def evaluate_split(network: torch.nn.Module, name: str, items: Sequence[Mapping]
             out = network(x)
             probs = torch.softmax(out.logits.float(), 1)[:, 1].numpy()
             sal = torch.sigmoid(out.saliency_logits.float()) if out.saliency_logits is not None else None
-        if sal is None and layer is not None:
-            sal = grad_cam(network, layer, x)
+        if sal is None and cam is not None:
+            sal = cam(x)
         for n, d in enumerate(chunk):
             rec = {"image": d["image"], "label": int(d["label"]), "prob_malignant": float(probs[n])}
             if sal is not None and d.get("mask") and not d.get("roi"):
