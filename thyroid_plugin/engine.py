@@ -27,13 +27,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver, EarlyStopping
-from ignite.metrics import Metric
 from monai.data import CacheDataset, DataLoader, Dataset, ThreadDataLoader, get_track_meta, set_track_meta
 from monai.transforms import Compose, SelectItemsd
 from monai.utils import set_determinism
@@ -49,12 +48,15 @@ from .runtime import autocast as _autocast
 from .transforms import augmentation_transforms, preprocess_transforms
 
 __all__ = [
-    "ClassificationMetrics",
+    "Predictions",
     "TrainSettings",
     "amp_dtype",
     "default_device",
     "evaluate_network",
     "fit",
+    "make_loader",
+    "make_train_step",
+    "predict",
     "train_bundle",
 ]
 
@@ -94,40 +96,6 @@ class TrainSettings:
         return cls(**merged)
 
 
-class ClassificationMetrics(Metric):
-    """ignite metric accumulating malignant probabilities and labels; computes
-    :func:`~thyroid_plugin.metrics.operating_point_metrics` plus the mean cross-entropy ``loss``.
-
-    Args:
-        threshold: the operating point of the thresholded metrics; ``None`` chooses it on the
-            predictions (Youden's J), as the model will then serve with it.
-
-    The engine's output must be ``(prob_malignant (B,), labels (B,), ce_sum)``.
-    """
-
-    def __init__(self, threshold: Optional[float] = None, **kwargs) -> None:
-        self.threshold = threshold
-        super().__init__(**kwargs)
-
-    def reset(self) -> None:
-        self._probs: list[np.ndarray] = []
-        self._labels: list[np.ndarray] = []
-        self._ce = 0.0
-
-    def update(self, output) -> None:
-        probs, labels, ce_sum = output
-        self._probs.append(probs.detach().float().cpu().numpy())
-        self._labels.append(labels.detach().cpu().numpy())
-        self._ce += float(ce_sum)
-
-    def compute(self) -> dict:
-        p = np.concatenate(self._probs) if self._probs else np.zeros(0)
-        y = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=int)
-        out = operating_point_metrics(p, y, self.threshold)
-        out["loss"] = self._ce / max(1, len(y))
-        return out
-
-
 def _batch_to(batch: Mapping, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.as_tensor(batch["image"]).to(device, non_blocking=True).float()
     if channels_last:
@@ -136,38 +104,46 @@ def _batch_to(batch: Mapping, device: torch.device, channels_last: bool) -> tupl
     return x, y
 
 
-def create_evaluator(network: nn.Module, device: torch.device, settings: TrainSettings, threshold: Optional[float] = None) -> Engine:
-    """An ignite engine that runs ``network`` on batches and attaches :class:`ClassificationMetrics`
-    (at ``threshold``, default the operating point chosen on the predictions)."""
-    dtype = amp_dtype(device, settings.amp)
+@dataclass
+class Predictions:
+    """A network's predictions on ``N`` labelled images (see :func:`predict`)."""
 
-    def step(engine: Engine, batch: Mapping):
-        network.eval()
-        x, y = _batch_to(batch, device, settings.channels_last)
+    prob_malignant: np.ndarray  # (N,) float32
+    labels: np.ndarray  # (N,) int
+    loss: float  # mean cross-entropy
+    saliency: Optional[torch.Tensor] = None  # (N, 1, S, S) in [0, 1] on the CPU, when asked for
+
+    def metrics(self, threshold: Optional[float] = None) -> dict:
+        """:func:`~thyroid_plugin.metrics.operating_point_metrics` at ``threshold`` (default: the
+        operating point chosen on these predictions) and the mean cross-entropy ``loss``."""
+        return {**operating_point_metrics(self.prob_malignant, self.labels, threshold), "loss": self.loss}
+
+
+def predict(network: nn.Module, batches: Iterable[Mapping], device: torch.device, dtype: Optional[torch.dtype] = None,
+            channels_last: bool = False, saliency: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None) -> Predictions:
+    """Run ``network`` (in eval mode) over ``{"image": (B, 3, S, S), "label": (B,)}`` batches.
+
+    Args:
+        device, dtype, channels_last: where and how the network runs (``dtype``: autocast, or ``None``).
+        saliency: ``(x, network output) -> (B, 1, S, S)`` map in ``[0, 1]`` (the network's own
+            saliency or Grad-CAM), kept for every image when given.
+    """
+    network.eval()
+    probs, labels, maps, ce = [], [], [], 0.0
+    for batch in batches:
+        x, y = _batch_to(batch, device, channels_last)
         with torch.inference_mode(), _autocast(device, dtype):
-            logits = network(x).logits.float()
-        ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-        return torch.softmax(logits, dim=1)[:, POSITIVE_CLASS], y, ce.item()
-
-    evaluator = Engine(step)
-    ClassificationMetrics(threshold).attach(evaluator, "classification")
-    return evaluator
-
-
-def _collect_predictions(evaluator: Engine) -> dict:
-    """Lists ``prob_malignant`` and ``labels`` that hold the predictions of ``evaluator``'s last run."""
-    collected: dict = {"prob_malignant": [], "labels": []}
-
-    def reset(engine: Engine) -> None:
-        collected["prob_malignant"], collected["labels"] = [], []
-
-    def append(engine: Engine) -> None:
-        collected["prob_malignant"].extend(engine.state.output[0].float().cpu().tolist())
-        collected["labels"].extend(engine.state.output[1].cpu().tolist())
-
-    evaluator.add_event_handler(Events.STARTED, reset)
-    evaluator.add_event_handler(Events.ITERATION_COMPLETED, append)
-    return collected
+            out = network(x)
+        logits = out.logits.float()
+        ce += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        probs.append(torch.softmax(logits, dim=1)[:, POSITIVE_CLASS].cpu())
+        labels.append(y.cpu())
+        if saliency is not None:
+            maps.append(saliency(x, out).float().cpu())
+    n = sum(len(y) for y in labels)
+    return Predictions(torch.cat(probs).numpy().astype(np.float32) if probs else np.zeros(0, np.float32),
+                       torch.cat(labels).numpy() if labels else np.zeros(0, int), ce / max(1, n),
+                       torch.cat(maps) if maps else None)
 
 
 def make_train_step(forward_model: nn.Module, network: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -200,10 +176,6 @@ def make_loader(items: Sequence[Mapping], transforms: list, settings: TrainSetti
     """``(dataset, loader)`` of ``{"image", "label"}`` batches: a cached dataset of the
     deterministic transforms (decoding and resizing happen once) and a loader that prepares
     the next batch in a background thread (or ``settings.num_workers`` processes)."""
-    return _loader(items, transforms, settings, batch_size, shuffle, sampler)
-
-
-def _loader(items: Sequence[Mapping], transforms: list, settings: TrainSettings, batch_size: int, shuffle: bool, sampler=None):
     ds = _dataset(items, transforms, settings)
     return ds, _batches(ds, settings, batch_size, shuffle, sampler)
 
@@ -311,16 +283,17 @@ def fit(
     train_loader = _batches(train_ds, settings, settings.batch_size, shuffle=True, sampler=sampler)
     val_loader = None
     if val_list:
-        _, val_loader = _loader(val_list, val_tf, settings, settings.val_batch_size, shuffle=False)
+        _, val_loader = make_loader(val_list, val_tf, settings, settings.val_batch_size, shuffle=False)
 
     dtype = amp_dtype(device, settings.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     train_step = make_train_step(forward_model, network, loss_fn, optimizer, scaler, device, settings)
 
+    def _validates(engine: Engine, epoch: int) -> bool:
+        return engine.state.epoch % settings.val_interval == 0 or engine.state.epoch == engine.state.max_epochs
+
     trainer = Engine(train_step)
-    evaluator = create_evaluator(network, device, settings) if val_loader is not None else None
-    predictions = _collect_predictions(evaluator) if evaluator is not None else None
 
     stats: dict[str, Any] = {
         "status": "running",
@@ -407,7 +380,8 @@ def fit(
     def _publish(engine_epoch: int, metrics: Mapping[str, float]) -> None:
         info = {**dict(train_info or {}), "epoch": engine_epoch, "train_size": len(train_list), "val_size": len(val_list),
                 "loss_form": getattr(loss_fn, "form", ""), "settings": asdict(settings)}
-        validation = (predictions["prob_malignant"], predictions["labels"]) if metrics else None
+        last = getattr(trainer.state, "last_predictions", None)
+        validation = (last.prob_malignant.tolist(), last.labels.tolist()) if metrics and last is not None else None
         identity = save_checkpoint(out / "model.pt", network, network_def, size, metrics, info,
                                    threshold=metrics.get("threshold"), validation=validation)
         atomic_write_json(out / "metrics.json", {k: metrics.get(k) for k in OPERATING_POINT_METRICS})
@@ -433,10 +407,10 @@ def fit(
         means = {k: v / max(1, engine.state.count) for k, v in engine.state.sums.items()}
         record: dict[str, Any] = {"epoch": engine.state.epoch, "time_s": round(time.time() - engine.state.epoch_start, 1)}
         record.update({f"train_{k}": round(v, 5) for k, v in means.items()})
-        validate = evaluator is not None and (engine.state.epoch % settings.val_interval == 0 or engine.state.epoch == engine.state.max_epochs)
+        validate = _validates(engine, 0) if val_loader is not None else False
         if validate:
-            evaluator.run(val_loader)
-            metrics = dict(evaluator.state.metrics["classification"])
+            engine.state.last_predictions = predict(network, val_loader, device, dtype, settings.channels_last)
+            metrics = engine.state.last_predictions.metrics()
             record.update({f"val_{k}": v for k, v in metrics.items()})
             score = metrics.get(settings.key_metric, float("nan"))
             score = score if math.isfinite(score) else -metrics["loss"] - 1e3  # one class in val: use the loss
@@ -447,7 +421,7 @@ def fit(
                 stats["metrics"] = {k: metrics[k] for k in OPERATING_POINT_METRICS}
                 _publish(engine.state.epoch, metrics)
             engine.state.last_val = metrics
-        elif evaluator is None and is_main:
+        elif val_loader is None and is_main:
             # nothing to choose with: the last epoch is the model
             _publish(engine.state.epoch, {})
         stats["epoch"] = engine.state.epoch
@@ -472,12 +446,13 @@ def fit(
                             tb.add_scalar(f"val/{k}", v, engine.state.epoch)
                 tb.flush()
 
-    if evaluator is not None and settings.early_stop_patience > 0:
+    if val_loader is not None and settings.early_stop_patience > 0:
         def _score(engine: Engine) -> float:
-            v = engine.state.metrics["classification"].get(settings.key_metric, float("nan"))
-            return v if math.isfinite(v) else -engine.state.metrics["classification"]["loss"]
+            v = engine.state.last_val.get(settings.key_metric, float("nan"))
+            return v if math.isfinite(v) else -engine.state.last_val["loss"]
 
-        evaluator.add_event_handler(Events.COMPLETED, EarlyStopping(settings.early_stop_patience, _score, trainer))
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(event_filter=_validates),
+                                  EarlyStopping(settings.early_stop_patience, _score, trainer))
 
     # created on every rank: ignite's DiskSaver synchronises the ranks and writes on rank 0 only
     saver = Checkpoint(to_save, DiskSaver(str(ckpt_dir), require_empty=False, atomic=True), filename_prefix="last", n_saved=1)
@@ -518,17 +493,14 @@ def evaluate_network(
     device = device or default_device()
     settings = TrainSettings(image_size=image_size, amp=amp, cache=False, val_batch_size=batch_size, channels_last=True)
     network.to(device).to(memory_format=torch.channels_last)
-    evaluator = create_evaluator(network, device, settings, threshold)
-    predictions = _collect_predictions(evaluator)
-    _, loader = _loader(datalist, preprocess_transforms(image_size), settings, batch_size, shuffle=False)
+    _, loader = make_loader(datalist, preprocess_transforms(image_size), settings, batch_size, shuffle=False)
     meta_tracking = get_track_meta()
     set_track_meta(False)
     try:
-        evaluator.run(loader)
+        predictions = predict(network, loader, device, amp_dtype(device, amp), channels_last=True)
     finally:
         set_track_meta(meta_tracking)
-    return (dict(evaluator.state.metrics["classification"]), np.asarray(predictions["prob_malignant"], dtype=np.float32),
-            np.asarray(predictions["labels"]))
+    return predictions.metrics(threshold), predictions.prob_malignant, predictions.labels
 
 
 def train_bundle(

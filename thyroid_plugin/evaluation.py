@@ -39,7 +39,7 @@ from monai.visualize import GradCAM
 from monai.visualize.class_activation_maps import ModelWithHooks
 
 from .data import cross_centre_split, datalist_from_csv, grouped_kfold, grouped_split
-from .engine import TrainSettings, fit
+from .engine import TrainSettings, fit, predict
 from .io import atomic_write_json, load_image
 from .losses import SaliencyGuidedLoss
 from .metrics import METRIC_NAMES, binary_metrics
@@ -214,39 +214,42 @@ class Preprocessed:
         return FromCache()
 
 
+def _own_saliency(x: torch.Tensor, out) -> torch.Tensor:
+    return torch.sigmoid(out.saliency_logits.float())
+
+
 def evaluate_split(network: torch.nn.Module, name: str, items: Sequence[Mapping], prepare: Callable[[Mapping], torch.Tensor],
                    batch_size: int = 32, keep_maps: Iterable[str] = ()) -> dict:
     """Probabilities, classification metrics and saliency-vs-mask measures on ``items``.
 
     Saliency is the network's own map (resized back to each frame) or, without a saliency
     network, Grad-CAM. Returns per-image records, the summary and the kept maps."""
-    network = network.eval()
     layer = _feature_layer(network, name)
-    cam = grad_cam(network, layer) if layer is not None else None
+    saliency = None
+    if getattr(network, "saliency", None) is not None:
+        saliency = _own_saliency
+    elif layer is not None:
+        cam = grad_cam(network, layer)
+
+        def saliency(x: torch.Tensor, out) -> torch.Tensor:
+            return cam(x)
+
+    batches = ({"image": torch.stack([prepare(d) for d in items[i : i + batch_size]]),
+                "label": torch.tensor([int(d["label"]) for d in items[i : i + batch_size]])} for i in range(0, len(items), batch_size))
+    predictions = predict(network, batches, torch.device("cpu"), saliency=saliency)
     keep = set(keep_maps)
     records, maps = [], {}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        x = torch.stack([prepare(d) for d in chunk])
-        with torch.inference_mode():
-            out = network(x)
-            probs = torch.softmax(out.logits.float(), 1)[:, 1].numpy()
-            sal = torch.sigmoid(out.saliency_logits.float()) if out.saliency_logits is not None else None
-        if sal is None and cam is not None:
-            sal = cam(x)
-        for n, d in enumerate(chunk):
-            rec = {"image": d["image"], "label": int(d["label"]), "prob_malignant": float(probs[n])}
-            if sal is not None and d.get("mask") and not d.get("roi"):
-                m = np.asarray(load_image(d["mask"]).array)  # the lesion mask, on the frame's grid
-                m = m[..., 0] if m.ndim == 3 else m
-                s = F.interpolate(sal[n : n + 1].float(), size=m.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
-                rec.update(saliency_vs_mask(s, m))
-                if d["image"] in keep:
-                    maps[d["image"]] = s
-            records.append(rec)
-    p = [r["prob_malignant"] for r in records]
-    y = [r["label"] for r in records]
-    summary = binary_metrics(p, y)
+    for n, d in enumerate(items):
+        rec = {"image": d["image"], "label": int(d["label"]), "prob_malignant": float(predictions.prob_malignant[n])}
+        if predictions.saliency is not None and d.get("mask") and not d.get("roi"):
+            m = np.asarray(load_image(d["mask"]).array)  # the lesion mask, on the frame's grid
+            m = m[..., 0] if m.ndim == 3 else m
+            s = F.interpolate(predictions.saliency[n : n + 1], size=m.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+            rec.update(saliency_vs_mask(s, m))
+            if d["image"] in keep:
+                maps[d["image"]] = s
+        records.append(rec)
+    summary = binary_metrics(predictions.prob_malignant, predictions.labels)
     for key in ("energy_in_mask", "pointing_game", "iou"):
         values = [r[key] for r in records if key in r and not math.isnan(r[key])]
         summary[key] = float(np.mean(values)) if values else float("nan")
