@@ -1,9 +1,11 @@
 """Training and evaluation on pytorch-ignite.
 
 :func:`fit` trains a network with the combined loss and keeps the model that scores best on a
-validation split (ROC-AUC by default). Behaviour lives in ignite event handlers: validation,
-classification metrics, best-model publication, resume checkpoints, early stopping, tqdm
-progress, progress lines for MONAI Label's task log and TensorBoard.
+validation split (ROC-AUC by default). Behaviour lives in small ignite event handlers: loss
+means, validation and best-model publication, the epoch report (stats file, progress lines for
+MONAI Label's task log, TensorBoard), early stopping, resume checkpoints, tqdm progress.
+:func:`predict` is the one loop that runs a network over labelled batches: validation,
+:func:`evaluate_network` and the evaluation protocols use it.
 
 Files written in ``output_dir`` (each atomically):
 
