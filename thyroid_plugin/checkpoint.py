@@ -23,8 +23,6 @@ import datetime
 import hashlib
 import io
 import os
-import pickle
-import zipfile
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -186,9 +184,7 @@ def load_checkpoint(path: os.PathLike | str, map_location: str | torch.device = 
         raise ModelNotFoundError(f"model file not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise InvalidModelError(f"{os.path.basename(path)} is not a readable model file ({type(e).__name__})") from None
-    except Exception as e:  # the weights-only unpickler fails on garbage with IndexError, KeyError, ...
+    except Exception as e:  # garbage fails with UnpicklingError, BadZipFile, EOFError, IndexError, KeyError, ...
         raise InvalidModelError(f"{os.path.basename(path)} is not a readable model file ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise InvalidModelError(f"{os.path.basename(path)} is not a thyroid_plugin model file (format {CHECKPOINT_FORMAT})")

@@ -173,6 +173,7 @@ def cmd_evaluate(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     probs, labels = [], []
     rows = []
+    overlays: dict[str, list] = {"correct": [], "wrong": []}  # (item, prediction) of the first frames of each kind
     from tqdm import tqdm
 
     for start in tqdm(range(0, len(datalist), args.batch_size), desc="evaluate", unit="batch", disable=None):
@@ -182,6 +183,9 @@ def cmd_evaluate(args) -> int:
             probs.append(p.probabilities["malignant"])
             labels.append(int(d["label"]))
             rows.append((d, p.probabilities["malignant"]))
+            kind = "correct" if (p.probabilities["malignant"] >= predictor.threshold) == bool(d["label"]) else "wrong"
+            if len(overlays[kind]) < args.overlays:
+                overlays[kind].append((d, p))
     metrics = binary_metrics(probs, labels, predictor.threshold)
     result = {**{k: (None if v != v else v) for k, v in metrics.items()}, "n": len(labels),
               "threshold": predictor.threshold, "model": predictor.model_id, "data": os.path.abspath(args.csv)}
@@ -190,18 +194,14 @@ def cmd_evaluate(args) -> int:
         [{"image": d["image"], "label": int(d["label"]), "prob_malignant": round(float(pm), 6)} for d, pm in rows], indent=1).encode())
     plot_roc({"model": (probs, labels)}, str(out / "roc.png"), title=f"ROC ({len(labels)} images)")
     plot_confusion(probs, labels, str(out / "confusion.png"), predictor.threshold)
-    correct = [r for r in rows if (r[1] >= predictor.threshold) == bool(r[0]["label"])]
-    wrong = [r for r in rows if (r[1] >= predictor.threshold) != bool(r[0]["label"])]
-    for kind, chosen in (("correct", correct[: args.overlays]), ("wrong", wrong[: args.overlays])):
-        for d, pm in chosen:
-            image = load_image(d["image"])
-            pred = predictor.predict(image, d.get("roi"))
+    for kind, chosen in overlays.items():
+        for d, pred in chosen:
             mask = np.asarray(load_image(d["mask"]).array) if d.get("mask") else None
             if mask is not None and mask.ndim == 3:
                 mask = mask[..., 0]
             truth = "malignant" if d["label"] else "benign"
-            save_overlay(np.asarray(image.array), pred.saliency, str(out / "overlays" / f"{kind}_{Path(d['image']).stem}.png"),
-                         f"{Path(d['image']).name}: truth {truth}, P(malignant) {pm:.2f}", mask)
+            save_overlay(np.asarray(load_image(d["image"]).array), pred.saliency, str(out / "overlays" / f"{kind}_{Path(d['image']).stem}.png"),
+                         f"{Path(d['image']).name}: truth {truth}, P(malignant) {pred.probabilities['malignant']:.2f}", mask)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}))
     return 0
 

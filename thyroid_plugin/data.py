@@ -15,7 +15,7 @@ import csv
 import hashlib
 import json
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -239,49 +239,32 @@ def class_counts(datalist: Sequence[Mapping]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------- splits
-def _groups(datalist: Sequence[Mapping]) -> tuple[list[str], np.ndarray]:
-    by_group: dict[str, list[int]] = defaultdict(list)
-    for d in datalist:
-        by_group[str(d["group"])].append(int(d["label"]))
-    names = sorted(by_group)
-    # a group is malignant if any of its frames is: it stratifies on the clinically relevant side
-    labels = np.array([max(by_group[g]) for g in names])
-    return names, labels
-
-
 def grouped_kfold(datalist: Sequence[Mapping], n_folds: int = 5, seed: int = 0) -> list[tuple[list[dict], list[dict]]]:
     """Stratified, case-grouped k-fold: ``[(train, test), ...]``; a group is on one side only.
 
-    Groups are shuffled with ``seed`` and dealt to folds class by class (round robin by size),
-    which balances both the class ratio and the number of images per fold.
+    scikit-learn's ``StratifiedGroupKFold`` (shuffled with ``seed``) over the groups, each
+    labelled malignant if any of its frames is: the folds balance the number of benign and of
+    malignant cases (the clinically relevant unit), whatever their frame counts.
     """
+    from sklearn.model_selection import StratifiedGroupKFold
+
     if n_folds < 2:
         raise ValueError("n_folds must be at least 2")
-    names, labels = _groups(datalist)
+    label_of: dict[str, int] = {}
+    for d in datalist:
+        g = str(d["group"])
+        label_of[g] = max(label_of.get(g, 0), int(d["label"]))
+    names = sorted(label_of)
     if len(names) < n_folds:
         raise DatalistError(f"{len(names)} groups cannot make {n_folds} folds")
-    sizes = Counter(str(d["group"]) for d in datalist)
-    rng = np.random.default_rng(seed)
-    fold_of: dict[str, int] = {}
-    load = np.zeros(n_folds)
-    for cls in np.unique(labels):
-        members = [names[i] for i in np.flatnonzero(labels == cls)]
-        rng.shuffle(members)
-        members.sort(key=lambda g: -sizes[g])  # stable: big groups first, shuffled among equals
-        counts = np.zeros(n_folds)
-        for g in members:
-            # fewest of this class first, then fewest images, then a random tie-break
-            order = np.lexsort((rng.random(n_folds), load, counts))
-            f = int(order[0])
-            fold_of[g] = f
-            counts[f] += 1
-            load[f] += sizes[g]
-    folds = []
-    for f in range(n_folds):
-        test = [dict(d) for d in datalist if fold_of[str(d["group"])] == f]
-        train = [dict(d) for d in datalist if fold_of[str(d["group"])] != f]
-        folds.append((train, test))
-    return folds
+    labels = [label_of[g] for g in names]
+    folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(names, labels, names)
+    result = []
+    for _, test_groups in folds:
+        tested = {names[i] for i in test_groups}
+        result.append(([dict(d) for d in datalist if str(d["group"]) not in tested],
+                       [dict(d) for d in datalist if str(d["group"]) in tested]))
+    return result
 
 
 def grouped_split(datalist: Sequence[Mapping], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[dict], list[dict]]:

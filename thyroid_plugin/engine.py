@@ -1,9 +1,11 @@
 """Training and evaluation on pytorch-ignite.
 
 :func:`fit` trains a network with the combined loss and keeps the model that scores best on a
-validation split (ROC-AUC by default). Behaviour lives in ignite event handlers: validation,
-classification metrics, best-model publication, resume checkpoints, early stopping, tqdm
-progress, progress lines for MONAI Label's task log and TensorBoard.
+validation split (ROC-AUC by default). Behaviour lives in small ignite event handlers: loss
+means, validation and best-model publication, the epoch report (stats file, progress lines for
+MONAI Label's task log, TensorBoard), early stopping, resume checkpoints, tqdm progress.
+:func:`predict` is the one loop that runs a network over labelled batches: validation,
+:func:`evaluate_network` and the evaluation protocols use it.
 
 Files written in ``output_dir`` (each atomically):
 
@@ -27,13 +29,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver, EarlyStopping
-from ignite.metrics import Metric
 from monai.data import CacheDataset, DataLoader, Dataset, ThreadDataLoader, get_track_meta, set_track_meta
 from monai.transforms import Compose, SelectItemsd
 from monai.utils import set_determinism
@@ -49,12 +50,15 @@ from .runtime import autocast as _autocast
 from .transforms import augmentation_transforms, preprocess_transforms
 
 __all__ = [
-    "ClassificationMetrics",
+    "Predictions",
     "TrainSettings",
     "amp_dtype",
     "default_device",
     "evaluate_network",
     "fit",
+    "make_loader",
+    "make_train_step",
+    "predict",
     "train_bundle",
 ]
 
@@ -94,40 +98,6 @@ class TrainSettings:
         return cls(**merged)
 
 
-class ClassificationMetrics(Metric):
-    """ignite metric accumulating malignant probabilities and labels; computes
-    :func:`~thyroid_plugin.metrics.operating_point_metrics` plus the mean cross-entropy ``loss``.
-
-    Args:
-        threshold: the operating point of the thresholded metrics; ``None`` chooses it on the
-            predictions (Youden's J), as the model will then serve with it.
-
-    The engine's output must be ``(prob_malignant (B,), labels (B,), ce_sum)``.
-    """
-
-    def __init__(self, threshold: Optional[float] = None, **kwargs) -> None:
-        self.threshold = threshold
-        super().__init__(**kwargs)
-
-    def reset(self) -> None:
-        self._probs: list[np.ndarray] = []
-        self._labels: list[np.ndarray] = []
-        self._ce = 0.0
-
-    def update(self, output) -> None:
-        probs, labels, ce_sum = output
-        self._probs.append(probs.detach().float().cpu().numpy())
-        self._labels.append(labels.detach().cpu().numpy())
-        self._ce += float(ce_sum)
-
-    def compute(self) -> dict:
-        p = np.concatenate(self._probs) if self._probs else np.zeros(0)
-        y = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=int)
-        out = operating_point_metrics(p, y, self.threshold)
-        out["loss"] = self._ce / max(1, len(y))
-        return out
-
-
 def _batch_to(batch: Mapping, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.as_tensor(batch["image"]).to(device, non_blocking=True).float()
     if channels_last:
@@ -136,38 +106,46 @@ def _batch_to(batch: Mapping, device: torch.device, channels_last: bool) -> tupl
     return x, y
 
 
-def create_evaluator(network: nn.Module, device: torch.device, settings: TrainSettings, threshold: Optional[float] = None) -> Engine:
-    """An ignite engine that runs ``network`` on batches and attaches :class:`ClassificationMetrics`
-    (at ``threshold``, default the operating point chosen on the predictions)."""
-    dtype = amp_dtype(device, settings.amp)
+@dataclass
+class Predictions:
+    """A network's predictions on ``N`` labelled images (see :func:`predict`)."""
 
-    def step(engine: Engine, batch: Mapping):
-        network.eval()
-        x, y = _batch_to(batch, device, settings.channels_last)
+    prob_malignant: np.ndarray  # (N,) float32
+    labels: np.ndarray  # (N,) int
+    loss: float  # mean cross-entropy
+    saliency: Optional[torch.Tensor] = None  # (N, 1, S, S) in [0, 1] on the CPU, when asked for
+
+    def metrics(self, threshold: Optional[float] = None) -> dict:
+        """:func:`~thyroid_plugin.metrics.operating_point_metrics` at ``threshold`` (default: the
+        operating point chosen on these predictions) and the mean cross-entropy ``loss``."""
+        return {**operating_point_metrics(self.prob_malignant, self.labels, threshold), "loss": self.loss}
+
+
+def predict(network: nn.Module, batches: Iterable[Mapping], device: torch.device, dtype: Optional[torch.dtype] = None,
+            channels_last: bool = False, saliency: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None) -> Predictions:
+    """Run ``network`` (in eval mode) over ``{"image": (B, 3, S, S), "label": (B,)}`` batches.
+
+    Args:
+        device, dtype, channels_last: where and how the network runs (``dtype``: autocast, or ``None``).
+        saliency: ``(x, network output) -> (B, 1, S, S)`` map in ``[0, 1]`` (the network's own
+            saliency or Grad-CAM), kept for every image when given.
+    """
+    network.eval()
+    probs, labels, maps, ce = [], [], [], 0.0
+    for batch in batches:
+        x, y = _batch_to(batch, device, channels_last)
         with torch.inference_mode(), _autocast(device, dtype):
-            logits = network(x).logits.float()
-        ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-        return torch.softmax(logits, dim=1)[:, POSITIVE_CLASS], y, ce.item()
-
-    evaluator = Engine(step)
-    ClassificationMetrics(threshold).attach(evaluator, "classification")
-    return evaluator
-
-
-def _collect_predictions(evaluator: Engine) -> dict:
-    """Lists ``prob_malignant`` and ``labels`` that hold the predictions of ``evaluator``'s last run."""
-    collected: dict = {"prob_malignant": [], "labels": []}
-
-    def reset(engine: Engine) -> None:
-        collected["prob_malignant"], collected["labels"] = [], []
-
-    def append(engine: Engine) -> None:
-        collected["prob_malignant"].extend(engine.state.output[0].float().cpu().tolist())
-        collected["labels"].extend(engine.state.output[1].cpu().tolist())
-
-    evaluator.add_event_handler(Events.STARTED, reset)
-    evaluator.add_event_handler(Events.ITERATION_COMPLETED, append)
-    return collected
+            out = network(x)
+        logits = out.logits.float()
+        ce += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        probs.append(torch.softmax(logits, dim=1)[:, POSITIVE_CLASS].cpu())
+        labels.append(y.cpu())
+        if saliency is not None:
+            maps.append(saliency(x, out).float().cpu())
+    n = sum(len(y) for y in labels)
+    return Predictions(torch.cat(probs).numpy().astype(np.float32) if probs else np.zeros(0, np.float32),
+                       torch.cat(labels).numpy() if labels else np.zeros(0, int), ce / max(1, n),
+                       torch.cat(maps) if maps else None)
 
 
 def make_train_step(forward_model: nn.Module, network: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -200,10 +178,6 @@ def make_loader(items: Sequence[Mapping], transforms: list, settings: TrainSetti
     """``(dataset, loader)`` of ``{"image", "label"}`` batches: a cached dataset of the
     deterministic transforms (decoding and resizing happen once) and a loader that prepares
     the next batch in a background thread (or ``settings.num_workers`` processes)."""
-    return _loader(items, transforms, settings, batch_size, shuffle, sampler)
-
-
-def _loader(items: Sequence[Mapping], transforms: list, settings: TrainSettings, batch_size: int, shuffle: bool, sampler=None):
     ds = _dataset(items, transforms, settings)
     return ds, _batches(ds, settings, batch_size, shuffle, sampler)
 
@@ -227,6 +201,239 @@ def _progress_enabled(progress: Any) -> bool:
     if progress == "auto":
         return sys.stderr.isatty()
     return bool(progress)
+
+
+def _initial_stats(settings: TrainSettings, train_list: Sequence[Mapping], val_list: Sequence[Mapping], device: torch.device,
+                   dtype: Optional[torch.dtype]) -> dict[str, Any]:
+    """The stats dict that ``train_stats.json`` holds (MONAI Label shows it in ``/info``)."""
+    return {
+        "status": "running",
+        "epoch": 0,
+        "total_epochs": settings.epochs,
+        "start_ts": int(time.time()),
+        "key_metric_name": f"val_{settings.key_metric}",
+        "best_metric": None,
+        "best_metric_epoch": None,
+        "metrics": {},
+        "train_size": len(train_list),
+        "val_size": len(val_list),
+        "class_counts": {"train": class_counts(train_list), "val": class_counts(val_list)},
+        "device": str(device),
+        "amp": str(dtype).replace("torch.", "") if dtype else "off",
+        "model": None,
+        "history": [],
+    }
+
+
+def _write_stats(stats: dict, paths: Sequence[Path]) -> None:
+    """Write ``stats`` to ``paths`` (none on ranks other than 0), with the elapsed time:
+    ``current_time`` while running, else ``total_time``."""
+    if not paths:
+        return
+    elapsed = str(datetime.timedelta(seconds=int(time.time() - stats["start_ts"])))
+    running = stats["status"] == "running"
+    stats.pop("total_time" if running else "current_time", None)
+    stats["current_time" if running else "total_time"] = elapsed
+    for path in paths:
+        atomic_write_json(path, stats)
+
+
+def _key_score(metrics: Mapping[str, float], key_metric: str, one_class_offset: float = 0.0) -> float:
+    """The key metric, or minus the loss (less ``one_class_offset``) where it is undefined
+    (validation data with one class)."""
+    score = metrics.get(key_metric, float("nan"))
+    return score if math.isfinite(score) else -metrics["loss"] - one_class_offset
+
+
+class _EpochLoss:
+    """Means of the loss parts over each epoch (:meth:`means`); a non-finite loss fails the run;
+    a ``[train]`` line every ``log_every`` steps (0: none)."""
+
+    def __init__(self, log_every: int) -> None:
+        self.log_every = log_every
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.started = time.time()
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+
+    def reset(self, engine: Engine) -> None:
+        self.sums, self.count, self.started = {}, 0, time.time()
+
+    def update(self, engine: Engine) -> None:
+        output = engine.state.output
+        for k, v in output.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        if not math.isfinite(output["loss"]):
+            raise FloatingPointError(f"the loss became {output['loss']} at epoch {engine.state.epoch}")
+        if self.log_every and engine.state.iteration % self.log_every == 0:
+            step = (engine.state.iteration - 1) % engine.state.epoch_length + 1
+            print(f"[train] epoch {engine.state.epoch}/{engine.state.max_epochs} step {step}/{engine.state.epoch_length} "
+                  f"loss {output['loss']:.4f}", flush=True)
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(1, self.count) for k, v in self.sums.items()}
+
+
+@dataclass
+class _ModelPublisher:
+    """Saves the model (``model.pt`` and ``metrics.json`` in ``out``, and ``publish_path``)."""
+
+    out: Path
+    network: nn.Module
+    network_def: dict
+    image_size: int
+    info: dict
+    stats: dict
+    publish_path: Optional[os.PathLike | str] = None
+    on_publish: Optional[Callable[[str], None]] = None
+
+    def __call__(self, epoch: int, metrics: Mapping[str, float], predictions: Optional[Predictions]) -> None:
+        validation = (predictions.prob_malignant.tolist(), predictions.labels.tolist()) if metrics and predictions else None
+        self.stats["model"] = save_checkpoint(self.out / "model.pt", self.network, self.network_def, self.image_size, metrics,
+                                              {**self.info, "epoch": epoch}, threshold=metrics.get("threshold"), validation=validation)
+        atomic_write_json(self.out / "metrics.json", {k: metrics.get(k) for k in OPERATING_POINT_METRICS})
+        if self.publish_path:
+            atomic_write_bytes(self.publish_path, (self.out / "model.pt").read_bytes())
+            if self.on_publish:
+                self.on_publish(str(self.publish_path))
+
+
+class _BestModelSelection:
+    """On validation epochs: predictions and metrics on the validation data
+    (``engine.state.last_val``), and on rank 0 publication of the model when the key metric
+    improves. Without validation data every epoch's model is published."""
+
+    def __init__(self, network: nn.Module, val_loader, device: torch.device, dtype: Optional[torch.dtype], settings: TrainSettings,
+                 publish: Optional[_ModelPublisher], stats: dict) -> None:
+        self.network, self.val_loader, self.device, self.dtype = network, val_loader, device, dtype
+        self.settings, self.publish, self.stats = settings, publish, stats
+        self.best_score = float(stats["best_metric"]) if stats["best_metric"] is not None else -math.inf
+
+    def is_validation_epoch(self, engine: Engine, event: Any = None) -> bool:
+        epoch = engine.state.epoch
+        return self.val_loader is not None and (epoch % self.settings.val_interval == 0 or epoch == engine.state.max_epochs)
+
+    def __call__(self, engine: Engine) -> None:
+        engine.state.validated = self.is_validation_epoch(engine)
+        if not engine.state.validated:
+            if self.val_loader is None and self.publish is not None:
+                self.publish(engine.state.epoch, {}, None)  # nothing to choose with: the last epoch is the model
+            return
+        predictions = predict(self.network, self.val_loader, self.device, self.dtype, self.settings.channels_last)
+        metrics = engine.state.last_val = predictions.metrics()
+        score = _key_score(metrics, self.settings.key_metric, one_class_offset=1e3)
+        if score > self.best_score and self.publish is not None:
+            self.best_score = score
+            self.stats["best_metric"] = metrics.get(self.settings.key_metric)
+            self.stats["best_metric_epoch"] = engine.state.epoch
+            self.stats["metrics"] = {k: metrics[k] for k in OPERATING_POINT_METRICS}
+            self.publish(engine.state.epoch, metrics, predictions)
+
+
+class _EpochReport:
+    """At the end of an epoch: the history record in ``stats``; on rank 0 also the stats files,
+    a ``[train]`` line for MONAI Label's task log and TensorBoard scalars."""
+
+    def __init__(self, stats: dict, stats_paths: Sequence[Path], loss: _EpochLoss, tensorboard=None, is_main: bool = True) -> None:
+        self.stats, self.stats_paths, self.loss, self.tensorboard, self.is_main = stats, stats_paths, loss, tensorboard, is_main
+
+    def __call__(self, engine: Engine) -> None:
+        means, epoch = self.loss.means(), engine.state.epoch
+        val = engine.state.last_val if engine.state.validated else {}
+        record: dict[str, Any] = {"epoch": epoch, "time_s": round(time.time() - self.loss.started, 1)}
+        record.update({f"train_{k}": round(v, 5) for k, v in means.items()})
+        record.update({f"val_{k}": v for k, v in val.items()})
+        self.stats["epoch"] = epoch
+        self.stats["history"].append(json_safe(record))
+        _write_stats(self.stats, self.stats_paths)
+        if not self.is_main:
+            return
+        val_text = " ".join(f"val_{k} {val[k]:.4f}" for k in ("auc", "balanced_accuracy", "loss") if k in val and math.isfinite(val[k]))
+        print(f"[train] epoch {epoch}/{engine.state.max_epochs} done in {record['time_s']}s loss {means.get('loss', float('nan')):.4f} "
+              f"{val_text} best {self.stats['best_metric']} (epoch {self.stats['best_metric_epoch']})", flush=True)
+        if self.tensorboard is not None:
+            for group, values in (("train", means), ("val", val)):
+                for k, v in values.items():
+                    if math.isfinite(v):
+                        self.tensorboard.add_scalar(f"{group}/{k}", v, epoch)
+            self.tensorboard.flush()
+
+
+def _tensorboard(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def _attach_resume_checkpoints(trainer: Engine, to_save: dict, ckpt_dir: Path, is_main: bool) -> None:
+    """The last epoch's full state in ``ckpt_dir`` (one file), for ``resume``."""
+    # created on every rank: ignite's DiskSaver synchronises the ranks and writes on rank 0 only
+    saver = Checkpoint(to_save, DiskSaver(str(ckpt_dir), require_empty=False, atomic=True), filename_prefix="last", n_saved=1)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
+
+    def drop_stale_checkpoints(engine: Engine) -> None:
+        # the saver removes its own older file, not one left by an earlier (resumed) process
+        keep = saver.last_checkpoint
+        for old_file in ckpt_dir.glob("last_checkpoint_*.pt"):
+            if keep and old_file.name != Path(str(keep)).name:
+                old_file.unlink(missing_ok=True)
+
+    if is_main:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, drop_stale_checkpoints)
+
+
+def _resume(out: Path, to_load: dict, stats: dict, device: torch.device) -> bool:
+    """Load the last checkpoint in ``out/checkpoints`` into ``to_load`` and the previous run's
+    record into ``stats``; whether there was one."""
+    ckpt_dir = out / "checkpoints"
+    last = sorted(ckpt_dir.glob("last_checkpoint_*.pt"), key=os.path.getmtime) if ckpt_dir.is_dir() else []
+    if not last:
+        return False
+    Checkpoint.load_objects(to_load=to_load, checkpoint=torch.load(last[-1], map_location=device, weights_only=True))
+    if (out / "train_stats.json").is_file():
+        previous = json.loads((out / "train_stats.json").read_text())
+        stats.update({k: previous[k] for k in ("best_metric", "best_metric_epoch", "metrics", "history", "model", "start_ts")
+                      if previous.get(k) is not None})
+    logger.info("resumed from %s at epoch %d", last[-1].name, to_load["trainer"].state.epoch)
+    return True
+
+
+def _prepare_network(network: nn.Module, loss_fn: nn.Module, train_list: Sequence[Mapping], device: torch.device,
+                     settings: TrainSettings, world_size: int) -> nn.Module:
+    """Move ``network`` and ``loss_fn`` to ``device``; the module that runs forward (DDP-wrapped
+    with several processes, compiled when asked)."""
+    network.to(device)
+    if settings.channels_last:
+        network.to(memory_format=torch.channels_last)
+    if hasattr(loss_fn, "set_class_balance"):
+        loss_fn.set_class_balance(class_counts(train_list))
+    loss_fn.to(device)
+    model = network
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if settings.compile else model
+
+
+def _training_loaders(train_list: Sequence[Mapping], val_list: Sequence[Mapping], settings: TrainSettings, rank: int, world_size: int,
+                      train_transforms: Optional[list], val_transforms: Optional[list]):
+    """``(train loader, its distributed sampler or None, validation loader or None)``."""
+    size = settings.image_size
+    train_tf = list(train_transforms) if train_transforms is not None else (
+        preprocess_transforms(size) + augmentation_transforms(size, settings.augmentation))
+    val_tf = list(val_transforms) if val_transforms is not None else preprocess_transforms(size)
+    train_ds = _dataset(train_list, train_tf, settings)  # built (decoded, resized, cached) once
+    sampler = None
+    if world_size > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=settings.seed)
+    train_loader = _batches(train_ds, settings, settings.batch_size, shuffle=True, sampler=sampler)
+    val_loader = make_loader(val_list, val_tf, settings, settings.val_batch_size, shuffle=False)[1] if val_list else None
+    return train_loader, sampler, val_loader
 
 
 def fit(
@@ -280,231 +487,72 @@ def fit(
     if not train_list:
         raise ValueError("no training images")
     device = torch.device(device) if device is not None else default_device()
-    out = Path(output_dir)
-    is_main = rank == 0
+    out, is_main = Path(output_dir), rank == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
     set_determinism(seed=settings.seed + rank)
     meta_tracking = get_track_meta()
     set_track_meta(False)  # plain tensors: the metadata is not needed in training and costs time
+    try:
+        forward_model = _prepare_network(network, loss_fn, train_list, device, settings, world_size)
+        train_loader, sampler, val_loader = _training_loaders(train_list, val_list, settings, rank, world_size, train_transforms, val_transforms)
+        dtype = amp_dtype(device, settings.amp)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        trainer = Engine(make_train_step(forward_model, network, loss_fn, optimizer, scaler, device, settings))
+        stats = _initial_stats(settings, train_list, val_list, device, dtype)
+        to_save = {"trainer": trainer, "network": network, "optimizer": optimizer, "scaler": scaler}
+        if resume and _resume(out, to_save, stats, device) and trainer.state.epoch >= settings.epochs:
+            # a finished run stays finished (ignite would start a finished engine afresh)
+            logger.info("the run in %s already finished %d epochs; nothing to resume", out, trainer.state.epoch)
+            return {**stats, **json.loads((out / "train_stats.json").read_text())} if (out / "train_stats.json").is_file() else stats
+        if sampler is not None:
+            trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
+        info = {**dict(train_info or {}), "train_size": len(train_list), "val_size": len(val_list),
+                "loss_form": getattr(loss_fn, "form", ""), "settings": asdict(settings)}
+        publisher = _ModelPublisher(out, network, network.network_def(), settings.image_size, info, stats, publish_path, on_publish)
+        selection = _BestModelSelection(network, val_loader, device, dtype, settings, publisher if is_main else None, stats)
+        stats_paths = [out / "train_stats.json"] + ([Path(stats_path)] if stats_path else []) if is_main else []
+        tensorboard = _attach_handlers(trainer, selection, settings, stats, stats_paths, is_main, out)
+        _attach_resume_checkpoints(trainer, to_save, out / "checkpoints", is_main)
+        return _run(trainer, train_loader, settings.epochs, stats, stats_paths, tensorboard)
+    finally:
+        set_track_meta(meta_tracking)
 
-    network.to(device)
-    if settings.channels_last:
-        network.to(memory_format=torch.channels_last)
-    network_def = network.network_def()
-    if hasattr(loss_fn, "set_class_balance"):
-        loss_fn.set_class_balance(class_counts(train_list))
-    loss_fn.to(device)
-    model = network
-    if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
-    forward_model = torch.compile(model) if settings.compile else model
 
-    size = settings.image_size
-    train_tf = list(train_transforms) if train_transforms is not None else (
-        preprocess_transforms(size) + augmentation_transforms(size, settings.augmentation))
-    val_tf = list(val_transforms) if val_transforms is not None else preprocess_transforms(size)
-    train_ds = _dataset(train_list, train_tf, settings)  # built (decoded, resized, cached) once
-    sampler = None
-    if world_size > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=settings.seed)
-    train_loader = _batches(train_ds, settings, settings.batch_size, shuffle=True, sampler=sampler)
-    val_loader = None
-    if val_list:
-        _, val_loader = _loader(val_list, val_tf, settings, settings.val_batch_size, shuffle=False)
-
-    dtype = amp_dtype(device, settings.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    train_step = make_train_step(forward_model, network, loss_fn, optimizer, scaler, device, settings)
-
-    trainer = Engine(train_step)
-    evaluator = create_evaluator(network, device, settings) if val_loader is not None else None
-    predictions = _collect_predictions(evaluator) if evaluator is not None else None
-
-    stats: dict[str, Any] = {
-        "status": "running",
-        "epoch": 0,
-        "total_epochs": settings.epochs,
-        "start_ts": int(time.time()),
-        "key_metric_name": f"val_{settings.key_metric}",
-        "best_metric": None,
-        "best_metric_epoch": None,
-        "metrics": {},
-        "train_size": len(train_list),
-        "val_size": len(val_list),
-        "class_counts": {"train": class_counts(train_list), "val": class_counts(val_list)},
-        "device": str(device),
-        "amp": str(dtype).replace("torch.", "") if dtype else "off",
-        "model": None,
-        "history": [],
-    }
-    best = {"score": -math.inf}
-    ckpt_dir = out / "checkpoints"
-    to_save = {"trainer": trainer, "network": network, "optimizer": optimizer, "scaler": scaler}
-
-    if resume:
-        last = sorted(ckpt_dir.glob("last_checkpoint_*.pt"), key=os.path.getmtime) if ckpt_dir.is_dir() else []
-        if last:
-            state = torch.load(last[-1], map_location=device, weights_only=True)
-            Checkpoint.load_objects(to_load=to_save, checkpoint=state)
-            old = out / "train_stats.json"
-            if old.is_file():
-                previous = json.loads(old.read_text())
-                for key in ("best_metric", "best_metric_epoch", "metrics", "history", "model", "start_ts"):
-                    if previous.get(key) is not None:
-                        stats[key] = previous[key]
-                if previous.get("best_metric") is not None:
-                    best["score"] = float(previous["best_metric"])
-            logger.info("resumed from %s at epoch %d", last[-1].name, trainer.state.epoch)
-            if trainer.state.epoch >= settings.epochs:
-                # a finished run stays finished (ignite would start a finished engine afresh)
-                if (out / "train_stats.json").is_file():
-                    stats.update(json.loads((out / "train_stats.json").read_text()))
-                logger.info("the run in %s already finished %d epochs; nothing to resume", out, trainer.state.epoch)
-                set_track_meta(meta_tracking)
-                return stats
-
-    if sampler is not None:
-        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
-
-    # ---- running means of the loss parts, for logs and TensorBoard
-    @trainer.on(Events.EPOCH_STARTED)
-    def _reset_running(engine: Engine) -> None:
-        engine.state.sums = {}
-        engine.state.count = 0
-        engine.state.epoch_start = time.time()
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _accumulate(engine: Engine) -> None:
-        for k, v in engine.state.output.items():
-            engine.state.sums[k] = engine.state.sums.get(k, 0.0) + v
-        engine.state.count += 1
-        if not math.isfinite(engine.state.output["loss"]):
-            raise FloatingPointError(f"the loss became {engine.state.output['loss']} at epoch {engine.state.epoch}")
-        if is_main and settings.log_every and engine.state.iteration % settings.log_every == 0 and not _progress_enabled(settings.progress):
-            it = (engine.state.iteration - 1) % engine.state.epoch_length + 1
-            print(
-                f"[train] epoch {engine.state.epoch}/{engine.state.max_epochs} step {it}/{engine.state.epoch_length} "
-                f"loss {engine.state.output['loss']:.4f}",
-                flush=True,
-            )
-
-    if is_main and _progress_enabled(settings.progress):
+def _attach_handlers(trainer: Engine, selection: _BestModelSelection, settings: TrainSettings, stats: dict, stats_paths: Sequence[Path],
+                     is_main: bool, out: Path):
+    """Loss means and progress, validation and best-model selection, the epoch report and early
+    stopping, in this order; returns the TensorBoard writer (or ``None``)."""
+    show_bar = is_main and _progress_enabled(settings.progress)
+    loss = _EpochLoss(settings.log_every if is_main and not show_bar else 0)
+    loss.attach(trainer)
+    if show_bar:
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"]})
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, selection)
+    tensorboard = _tensorboard(out / "tensorboard") if is_main and settings.tensorboard else None
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, _EpochReport(stats, stats_paths, loss, tensorboard, is_main))
+    if selection.val_loader is not None and settings.early_stop_patience > 0:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(event_filter=selection.is_validation_epoch), EarlyStopping(
+            settings.early_stop_patience, lambda engine: _key_score(engine.state.last_val, settings.key_metric), trainer))
+    return tensorboard
 
-    tb = None
-    if is_main and settings.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(log_dir=str(out / "tensorboard"))
-        except ImportError:  # TensorBoard is optional
-            tb = None
-
-    def _publish(engine_epoch: int, metrics: Mapping[str, float]) -> None:
-        info = {**dict(train_info or {}), "epoch": engine_epoch, "train_size": len(train_list), "val_size": len(val_list),
-                "loss_form": getattr(loss_fn, "form", ""), "settings": asdict(settings)}
-        validation = (predictions["prob_malignant"], predictions["labels"]) if metrics else None
-        identity = save_checkpoint(out / "model.pt", network, network_def, size, metrics, info,
-                                   threshold=metrics.get("threshold"), validation=validation)
-        atomic_write_json(out / "metrics.json", {k: metrics.get(k) for k in OPERATING_POINT_METRICS})
-        stats["model"] = identity
-        if publish_path:
-            atomic_write_bytes(publish_path, (out / "model.pt").read_bytes())
-            if on_publish:
-                on_publish(str(publish_path))
-
-    def _write_stats() -> None:
-        if not is_main:
-            return
-        elapsed = str(datetime.timedelta(seconds=int(time.time() - stats["start_ts"])))
-        running = stats["status"] == "running"
-        stats.pop("total_time" if running else "current_time", None)
-        stats["current_time" if running else "total_time"] = elapsed
-        atomic_write_json(out / "train_stats.json", stats)
-        if stats_path:
-            atomic_write_json(Path(stats_path), stats)
-
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _end_epoch(engine: Engine) -> None:
-        means = {k: v / max(1, engine.state.count) for k, v in engine.state.sums.items()}
-        record: dict[str, Any] = {"epoch": engine.state.epoch, "time_s": round(time.time() - engine.state.epoch_start, 1)}
-        record.update({f"train_{k}": round(v, 5) for k, v in means.items()})
-        validate = evaluator is not None and (engine.state.epoch % settings.val_interval == 0 or engine.state.epoch == engine.state.max_epochs)
-        if validate:
-            evaluator.run(val_loader)
-            metrics = dict(evaluator.state.metrics["classification"])
-            record.update({f"val_{k}": v for k, v in metrics.items()})
-            score = metrics.get(settings.key_metric, float("nan"))
-            score = score if math.isfinite(score) else -metrics["loss"] - 1e3  # one class in val: use the loss
-            if score > best["score"] and is_main:
-                best["score"] = score
-                stats["best_metric"] = metrics.get(settings.key_metric)
-                stats["best_metric_epoch"] = engine.state.epoch
-                stats["metrics"] = {k: metrics[k] for k in OPERATING_POINT_METRICS}
-                _publish(engine.state.epoch, metrics)
-            engine.state.last_val = metrics
-        elif evaluator is None and is_main:
-            # nothing to choose with: the last epoch is the model
-            _publish(engine.state.epoch, {})
-        stats["epoch"] = engine.state.epoch
-        stats["history"].append(json_safe(record))
-        _write_stats()
-        if is_main:
-            val_text = ""
-            if validate:
-                m = engine.state.last_val
-                val_text = " ".join(f"val_{k} {m[k]:.4f}" for k in ("auc", "balanced_accuracy", "loss") if math.isfinite(m[k]))
-            print(
-                f"[train] epoch {engine.state.epoch}/{engine.state.max_epochs} done in {record['time_s']}s "
-                f"loss {means.get('loss', float('nan')):.4f} {val_text} best {stats['best_metric']} (epoch {stats['best_metric_epoch']})",
-                flush=True,
-            )
-            if tb is not None:
-                for k, v in means.items():
-                    tb.add_scalar(f"train/{k}", v, engine.state.epoch)
-                if validate:
-                    for k, v in engine.state.last_val.items():
-                        if math.isfinite(v):
-                            tb.add_scalar(f"val/{k}", v, engine.state.epoch)
-                tb.flush()
-
-    if evaluator is not None and settings.early_stop_patience > 0:
-        def _score(engine: Engine) -> float:
-            v = engine.state.metrics["classification"].get(settings.key_metric, float("nan"))
-            return v if math.isfinite(v) else -engine.state.metrics["classification"]["loss"]
-
-        evaluator.add_event_handler(Events.COMPLETED, EarlyStopping(settings.early_stop_patience, _score, trainer))
-
-    # created on every rank: ignite's DiskSaver synchronises the ranks and writes on rank 0 only
-    saver = Checkpoint(to_save, DiskSaver(str(ckpt_dir), require_empty=False, atomic=True), filename_prefix="last", n_saved=1)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
-
-    if is_main:
-        @trainer.on(Events.EPOCH_COMPLETED)
-        def _drop_stale_checkpoints(engine: Engine) -> None:
-            # the saver removes its own older file, not one left by an earlier (resumed) process
-            keep = saver.last_checkpoint
-            for old_file in ckpt_dir.glob("last_checkpoint_*.pt"):
-                if keep and old_file.name != Path(str(keep)).name:
-                    old_file.unlink(missing_ok=True)
-
+def _run(trainer: Engine, train_loader, epochs: int, stats: dict, stats_paths: Sequence[Path], tensorboard) -> dict:
+    """Run ``trainer``; the final status (and error) in ``stats``, written."""
     try:
-        trainer.run(train_loader, max_epochs=settings.epochs)
-        stats["status"] = "stopped early" if trainer.state.epoch < settings.epochs else "done"
+        trainer.run(train_loader, max_epochs=epochs)
+        stats["status"] = "stopped early" if trainer.state.epoch < epochs else "done"
     except BaseException as e:
         stats["status"] = "failed" if not isinstance(e, KeyboardInterrupt) else "stopped"
         stats["error"] = f"{type(e).__name__}: {e}"
-        _write_stats()
+        _write_stats(stats, stats_paths)
         raise
     finally:
-        set_track_meta(meta_tracking)
-        if tb is not None:
-            tb.close()
-    _write_stats()
+        if tensorboard is not None:
+            tensorboard.close()
+    _write_stats(stats, stats_paths)
     return stats
 
 
@@ -518,17 +566,14 @@ def evaluate_network(
     device = device or default_device()
     settings = TrainSettings(image_size=image_size, amp=amp, cache=False, val_batch_size=batch_size, channels_last=True)
     network.to(device).to(memory_format=torch.channels_last)
-    evaluator = create_evaluator(network, device, settings, threshold)
-    predictions = _collect_predictions(evaluator)
-    _, loader = _loader(datalist, preprocess_transforms(image_size), settings, batch_size, shuffle=False)
+    _, loader = make_loader(datalist, preprocess_transforms(image_size), settings, batch_size, shuffle=False)
     meta_tracking = get_track_meta()
     set_track_meta(False)
     try:
-        evaluator.run(loader)
+        predictions = predict(network, loader, device, amp_dtype(device, amp), channels_last=True)
     finally:
         set_track_meta(meta_tracking)
-    return (dict(evaluator.state.metrics["classification"]), np.asarray(predictions["prob_malignant"], dtype=np.float32),
-            np.asarray(predictions["labels"]))
+    return predictions.metrics(threshold), predictions.prob_malignant, predictions.labels
 
 
 def train_bundle(

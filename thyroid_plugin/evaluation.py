@@ -35,9 +35,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.visualize import GradCAM
+from monai.visualize.class_activation_maps import ModelWithHooks
 
 from .data import cross_centre_split, datalist_from_csv, grouped_kfold, grouped_split
-from .engine import TrainSettings, fit
+from .engine import TrainSettings, fit, predict
 from .io import atomic_write_json, load_image
 from .losses import SaliencyGuidedLoss
 from .metrics import METRIC_NAMES, binary_metrics
@@ -152,23 +154,43 @@ def _feature_layer(network: torch.nn.Module, name: str) -> Optional[torch.nn.Mod
     return None
 
 
-def grad_cam(network: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM of the predicted class: ``(B, 3, S, S)`` -> ``(B, 1, S, S)`` in ``[0, 1]``."""
-    store: dict = {}
-    handle = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    try:
+class _LogitsOf(torch.nn.Module):
+    """``network`` with its class logits as the output, the form MONAI's CAM classes expect."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x).logits
+
+
+class _EachImagesClass(ModelWithHooks):
+    """MONAI's hooks, scoring each image's own class: MONAI 1.6 indexes ``logits[:, class_idx]``,
+    which with the per-image predicted classes of a batch mixes the images' classes."""
+
+    def class_score(self, logits: torch.Tensor, class_idx) -> torch.Tensor:
+        idx = torch.as_tensor(class_idx, device=logits.device).reshape(-1, 1).expand(logits.shape[0], 1)
+        return logits.gather(1, idx).squeeze(1)
+
+
+def grad_cam(network: torch.nn.Module, layer: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Grad-CAM of the predicted class (``monai.visualize.GradCAM`` at ``layer``), as a function
+    ``(B, 3, S, S) -> (B, 1, S, S)`` in ``[0, 1]`` (each map divided by its peak; all-zero maps stay 0).
+
+    MONAI keeps its hooks on ``layer`` for the network's lifetime: for a network being evaluated."""
+    name = next(n for n, m in network.named_modules() if m is layer)
+    hooks = _EachImagesClass(_LogitsOf(network), f"network.{name}", register_forward=True, register_backward=True)
+    cam = GradCAM(hooks, target_layers=f"network.{name}",
+                  postprocessing=lambda m: m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12))
+
+    def explain(x: torch.Tensor) -> torch.Tensor:
+        # MONAI puts the wrapped module back in the mode the wrapper was in: the network's own
+        hooks.model.train(network.training)
         with torch.enable_grad():
-            x = x.clone().requires_grad_(False)
-            out = network(x)
-            logits = out.logits
-            score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
-            grads = torch.autograd.grad(score, store["a"])[0]
-        cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * store["a"]).sum(1, keepdim=True)).detach()
-    finally:
-        handle.remove()
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
-    peak = cam.amax(dim=(2, 3), keepdim=True)
-    return torch.where(peak > 0, cam / peak.clamp_min(1e-12), cam)
+            return cam(x).detach()
+
+    return explain
 
 
 class Preprocessed:
@@ -203,38 +225,42 @@ class Preprocessed:
         return FromCache()
 
 
+def _own_saliency(x: torch.Tensor, out) -> torch.Tensor:
+    return torch.sigmoid(out.saliency_logits.float())
+
+
 def evaluate_split(network: torch.nn.Module, name: str, items: Sequence[Mapping], prepare: Callable[[Mapping], torch.Tensor],
                    batch_size: int = 32, keep_maps: Iterable[str] = ()) -> dict:
     """Probabilities, classification metrics and saliency-vs-mask measures on ``items``.
 
     Saliency is the network's own map (resized back to each frame) or, without a saliency
     network, Grad-CAM. Returns per-image records, the summary and the kept maps."""
-    network = network.eval()
     layer = _feature_layer(network, name)
+    saliency = None
+    if getattr(network, "saliency", None) is not None:
+        saliency = _own_saliency
+    elif layer is not None:
+        cam = grad_cam(network, layer)
+
+        def saliency(x: torch.Tensor, out) -> torch.Tensor:
+            return cam(x)
+
+    batches = ({"image": torch.stack([prepare(d) for d in items[i : i + batch_size]]),
+                "label": torch.tensor([int(d["label"]) for d in items[i : i + batch_size]])} for i in range(0, len(items), batch_size))
+    predictions = predict(network, batches, torch.device("cpu"), saliency=saliency)
     keep = set(keep_maps)
     records, maps = [], {}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        x = torch.stack([prepare(d) for d in chunk])
-        with torch.inference_mode():
-            out = network(x)
-            probs = torch.softmax(out.logits.float(), 1)[:, 1].numpy()
-            sal = torch.sigmoid(out.saliency_logits.float()) if out.saliency_logits is not None else None
-        if sal is None and layer is not None:
-            sal = grad_cam(network, layer, x)
-        for n, d in enumerate(chunk):
-            rec = {"image": d["image"], "label": int(d["label"]), "prob_malignant": float(probs[n])}
-            if sal is not None and d.get("mask") and not d.get("roi"):
-                m = np.asarray(load_image(d["mask"]).array)  # the lesion mask, on the frame's grid
-                m = m[..., 0] if m.ndim == 3 else m
-                s = F.interpolate(sal[n : n + 1].float(), size=m.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
-                rec.update(saliency_vs_mask(s, m))
-                if d["image"] in keep:
-                    maps[d["image"]] = s
-            records.append(rec)
-    p = [r["prob_malignant"] for r in records]
-    y = [r["label"] for r in records]
-    summary = binary_metrics(p, y)
+    for n, d in enumerate(items):
+        rec = {"image": d["image"], "label": int(d["label"]), "prob_malignant": float(predictions.prob_malignant[n])}
+        if predictions.saliency is not None and d.get("mask") and not d.get("roi"):
+            m = np.asarray(load_image(d["mask"]).array)  # the lesion mask, on the frame's grid
+            m = m[..., 0] if m.ndim == 3 else m
+            s = F.interpolate(predictions.saliency[n : n + 1], size=m.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+            rec.update(saliency_vs_mask(s, m))
+            if d["image"] in keep:
+                maps[d["image"]] = s
+        records.append(rec)
+    summary = binary_metrics(predictions.prob_malignant, predictions.labels)
     for key in ("energy_in_mask", "pointing_game", "iou"):
         values = [r[key] for r in records if key in r and not math.isnan(r[key])]
         summary[key] = float(np.mean(values)) if values else float("nan")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
 
 __all__ = ["METRIC_NAMES", "OPERATING_POINT_METRICS", "THRESHOLDED_METRICS", "binary_metrics", "operating_point_metrics", "youden_threshold"]
 
@@ -17,22 +18,10 @@ OPERATING_POINT_METRICS = METRIC_NAMES + ("threshold",)
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC-AUC by the rank-sum (Mann-Whitney) formula, ties counted half; NaN with one class."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
+    """ROC-AUC (scikit-learn; ties count half); NaN with one class or a non-finite score."""
+    if len(np.unique(labels)) < 2 or not np.all(np.isfinite(scores)):
         return float("nan")
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order))
-    values = np.concatenate([pos, neg])[order]
-    # average ranks over ties
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
+    return float(roc_auc_score(labels, scores))
 
 
 def binary_metrics(prob_malignant: Sequence[float], labels: Sequence[int], threshold: float = 0.5) -> dict[str, float]:
@@ -72,19 +61,15 @@ def binary_metrics(prob_malignant: Sequence[float], labels: Sequence[int], thres
 def youden_threshold(prob_malignant: Sequence[float], labels: Sequence[int], default: float = 0.5) -> float:
     """The operating point that maximises sensitivity + specificity - 1 (Youden's J) on these
     predictions: a case is malignant when its probability is ``>=`` the returned value.
-    ``default`` when both classes are not present."""
+    ``default`` when both classes are not present or a probability is not finite."""
     p = np.asarray(prob_malignant, dtype=float).ravel()
     y = np.asarray(labels, dtype=int).ravel()
-    pos, neg = int(np.sum(y == 1)), int(np.sum(y == 0))
-    if pos == 0 or neg == 0:
+    if np.all(y == 1) or np.all(y == 0) or not np.all(np.isfinite(p)):
         return float(default)
-    best_t, best_j = float(default), -np.inf
-    for t in np.unique(p):
-        called = p >= t
-        j = np.sum(called & (y == 1)) / pos + np.sum(~called & (y == 0)) / neg - 1.0
-        if j > best_j + 1e-12:
-            best_t, best_j = float(t), j
-    return best_t
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    j = (tpr - fpr)[1:]  # the first point is scikit-learn's "nothing is malignant" (threshold inf)
+    # ties of J: the lowest threshold, i.e. the most sensitive of the equally good operating points
+    return float(thresholds[1:][np.flatnonzero(j >= j.max() - 1e-12)[-1]])
 
 
 def operating_point_metrics(prob_malignant: Sequence[float], labels: Sequence[int], threshold: Optional[float] = None) -> dict[str, float]:

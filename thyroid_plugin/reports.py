@@ -4,9 +4,12 @@ and the measures that compare a saliency map with an expert's lesion mask."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from .constants import CLASS_NAMES
 
@@ -23,16 +26,13 @@ def _pyplot():
 
 
 def roc_curve(prob: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """False- and true-positive rates over all thresholds (malignant positive)."""
-    p = np.asarray(prob, dtype=float)
+    """False- and true-positive rates over all thresholds (malignant positive), from ``(0, 0)``;
+    a rate whose class is absent is 0 (scikit-learn would give NaN)."""
     y = np.asarray(labels, dtype=int)
-    order = np.argsort(-p, kind="mergesort")
-    p, y = p[order], y[order]
-    distinct = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]
-    tps = np.cumsum(y)[distinct]
-    fps = (distinct + 1) - tps
-    pos, neg = max(1, int(y.sum())), max(1, int(len(y) - y.sum()))
-    return np.r_[0.0, fps / neg], np.r_[0.0, tps / pos]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, _ = sklearn_roc_curve(y, np.asarray(prob, dtype=float), pos_label=1, drop_intermediate=False)
+    return np.nan_to_num(fpr), np.nan_to_num(tpr)
 
 
 def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]], path: str, title: str = "ROC") -> str:

@@ -26,7 +26,7 @@ from monai.transforms import (
 )
 
 from .errors import InvalidROIError, short_repr
-from .io import DEFAULT_MAX_PIXELS, UltrasoundImage, load_image, to_network_channels
+from .io import DEFAULT_MAX_PIXELS, UltrasoundImage, load_image
 
 __all__ = [
     "CropROId",
@@ -234,8 +234,3 @@ def train_transforms(image_size: int, augmentation: Optional[Mapping] = None) ->
 def eval_transforms(image_size: int) -> Compose:
     """Validation / inference pipeline (no randomness)."""
     return Compose(preprocess_transforms(image_size))
-
-
-def as_network_input(image: UltrasoundImage) -> torch.Tensor:
-    """``(3, H, W)`` float32 tensor of a loaded frame (no crop, no resize)."""
-    return torch.from_numpy(to_network_channels(image.array))
