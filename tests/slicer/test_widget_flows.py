@@ -307,22 +307,25 @@ def test_panel_shows_one_message_when_the_server_is_down(panel, scene):
 
 def test_training_and_batch_progress_in_the_panel(panel, scene):
     ui = panel.ui
+    # log lines that disagree with the declared fields: the panel shows the declared ones
     train_states = iter([
-        {"status": "RUNNING", "details": ["[train] epoch 1/2 step 1/2 loss 0.70"]},
-        {"status": "DONE", "details": ["[train] epoch 2/2 done in 3.1s loss 0.52", "[train] published sha256:abc"]},
+        {"status": "RUNNING", "details": ["[train] epoch 2/2 step 1/2 loss 0.70"]},
+        {"status": "DONE", "details": ["[train] epoch 1/2 done in 3.1s loss 0.52", "[train] published sha256:abc"]},
     ])
-    info = {"train_stats": {"classify_nodule": {"status": "done", "epoch": 2, "total_epochs": 2, "published": True,
-                                                "model": "sha256:abc", "best_metric": 0.75,
-                                                "metrics": {"auc": 0.75, "accuracy": 0.7, "sensitivity": 0.6,
-                                                            "specificity": 0.8, "threshold": 0.62}}}}
+    stats = iter([
+        {"status": "running", "epoch": 1, "total_epochs": 4},
+        {"status": "done", "epoch": 2, "total_epochs": 2, "published": True, "model": "sha256:abc", "best_metric": 0.75,
+         "metrics": {"auc": 0.75, "accuracy": 0.7, "sensitivity": 0.6, "specificity": 0.8, "threshold": 0.62}},
+    ])
     result = {"label": "malignant", "probabilities": {"benign": 0.1, "malignant": 0.9}, "model": "sha256:abc"}
     store = {"objects": {"a": {"labels": {"original": {"info": {"params": result}}}}, "b": {"labels": {}}}}
     routes = {
         "POST /train/classify_nodule": lambda h, b: json_answer(200, {"status": "SUBMITTED", "request": json_body(b)}),
         "GET /train/": lambda h, b: json_answer(200, next(train_states)),
-        "GET /info/": lambda h, b: json_answer(200, info),
+        "GET /info/": lambda h, b: json_answer(200, {"train_stats": {"classify_nodule": next(stats)}}),
         "POST /batch/infer/classify_nodule": lambda h, b: json_answer(200, {"status": "SUBMITTED"}),
-        "GET /batch/infer": lambda h, b: json_answer(200, {"status": "DONE", "details": ["[batch] 2/2 images"]}),
+        "GET /batch/infer": lambda h, b: json_answer(200, {"status": "DONE", "details": [
+            '{"batch_progress": {"done": 2, "total": 2, "unit": "images"}}', "[batch] 1/2 images"]}),
         "GET /datastore/": lambda h, b: json_answer(200, store),
     }
     with FakeServer(routes) as fake:
@@ -334,7 +337,7 @@ def test_training_and_batch_progress_in_the_panel(panel, scene):
         assert panel.widget._trainTimer.active and not ui.trainButton.enabled and ui.stopTrainingButton.enabled
         panel.widget._pollTraining()
         panel.wait()
-        assert ui.trainProgressBar.value == 25 and ui.trainStatusLabel.text == "Training: epoch 1 of 2."
+        assert ui.trainProgressBar.value == 25 and ui.trainStatusLabel.text == "Training: 1 of 4 epochs done."
         panel.widget._pollTraining()
         panel.wait()
         assert ui.trainProgressBar.value == 100 and not panel.widget._trainTimer.active
