@@ -213,7 +213,8 @@ def test_nrrd_reader_handles_pynrrd_and_raw_big_endian(tmp_path):
 
 
 def test_nrrd_reader_refuses_what_it_cannot_read():
-    from ThyroidNoduleLib.nrrd import NrrdError, read_nrrd, write_nrrd
+    from ThyroidNoduleLib.nrrd import NrrdError, read_nrrd
+    from ThyroidNoduleLib.volumes import write_nrrd
 
     with pytest.raises(NrrdError, match="not an NRRD"):
         read_nrrd(b"\x89PNG\r\n\x1a\n....")

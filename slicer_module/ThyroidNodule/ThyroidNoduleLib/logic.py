@@ -17,8 +17,8 @@ The 3D Slicer widget runs the middle column in a worker thread; :meth:`classify`
 :meth:`confirm`, :meth:`next_case` and :meth:`classify_all` chain the three steps for headless
 use (tests, the slicer-core example, Slicer's Python console).
 
-Geometry: the frame is sent as an NRRD file written here from the volume's voxels and IJKToRAS
-(converted to LPS), so the server sees exactly Slicer's grid; the mask that comes back must be
+Geometry: the frame is sent as an NRRD file that Slicer's storage node writes from the volume's
+voxels and IJKToRAS (LPS in the file), so the server sees exactly Slicer's grid; the mask that comes back must be
 on that grid (its NRRD header and the result's ``image`` fields are both checked) and is put into
 nodes that copy the volume's IJKToRAS.
 """
@@ -40,8 +40,8 @@ from . import display, results
 from .client import InferResponse, MonaiLabelClient, Timeouts
 from .errors import BadResponseError, GeometryMismatchError, InputError, ServerError, ThyroidNoduleError
 from .geometry import FrameLayout, check_result_geometry, grid_of, lps_from_ras, pixel_box_from_corners
-from .nrrd import NrrdError, read_nrrd, write_nrrd
-from .volumes import load_frame_file, node_to_world, volume_array, volume_ijk_to_ras
+from .nrrd import NrrdError, read_nrrd
+from .volumes import load_frame_file, node_to_world, volume_array, volume_ijk_to_ras, write_nrrd
 
 __all__ = [
     "ATTR_IMAGE_ID",
