@@ -48,6 +48,9 @@ def test_finished_training_reads_the_stats_and_shows_log_lines_only_as_a_reason(
     failed = training_progress_from("DONE", {"status": "failed", "error": "DatalistError: too few cases"})
     assert failed.status == "ERROR" and failed.fraction is None and failed.error == "DatalistError: too few cases"
 
+    stopped = training_progress_from("DONE", {"status": "stopped", "error": "stopped on request"})
+    assert stopped.status == "STOPPED" and not stopped.running and stopped.fraction is None
+
     crashed = training_progress_from("ERROR", {}, ["loading", "  MemoryError  "])
     assert crashed.error == "MemoryError" and "Training failed: MemoryError." == crashed.message()
     assert training_progress_from("STOPPED", {"status": "done", "epoch": 2}).message().startswith("Training was stopped")

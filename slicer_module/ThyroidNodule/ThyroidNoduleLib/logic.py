@@ -317,8 +317,8 @@ def training_progress_from(task_status: str, stats: Dict[str, Any], details: Opt
         progress.model = stats.get("model")
         progress.epoch, progress.total_epochs = epoch, total
         progress.error = str(stats.get("error") or "")
-        if str(stats.get("status", "")).lower() in ("failed", "stopped") and status == "DONE":
-            progress.status = "ERROR"
+        if status == "DONE":  # the process ended normally, but the run may not have
+            progress.status = {"failed": "ERROR", "stopped": "STOPPED"}.get(str(stats.get("status", "")).lower(), status)
     if progress.status == "DONE":
         progress.fraction = 1.0
     if progress.status == "ERROR" and not progress.error and details:
