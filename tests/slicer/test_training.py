@@ -38,7 +38,9 @@ def test_train_shows_progress_and_resulting_metrics(logic):
     # progress while running came from /info -> train_stats: completed epochs of the 2 asked for
     counted = [p for p in seen if p.running and p.fraction is not None]
     assert counted, f"no running state with an epoch count was seen: {[p.message() for p in seen]}"
-    assert all(p.total_epochs == 2 and p.fraction == p.epoch / 2 and p.epoch < 2 for p in counted)
+    # (the task may still run, publishing, after its stats count both epochs)
+    assert all(p.total_epochs == 2 and p.fraction == p.epoch / 2 and p.epoch <= 2 for p in counted), \
+        [(p.epoch, p.total_epochs, p.fraction) for p in counted]
     assert [p.epoch for p in counted] == sorted(p.epoch for p in counted)
     final = seen[-1]
     assert final.status == "DONE", final.message()
