@@ -32,16 +32,14 @@ def scene():
     s.Clear(1)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, small_model) -> MonaiLabelServer:
-    """A real MONAI Label server running the app on a small real model, with 8 confirmed and
-    4 unconfirmed DDTI frames in its studies folder."""
+def start_server(root: Path, model: Path) -> MonaiLabelServer:
+    """A real MONAI Label server in ``root`` running the app on ``model``, with 8 confirmed and 4
+    unconfirmed DDTI frames in its studies folder."""
     from thyroid_plugin.monailabel_adapter import import_collection
 
-    root = tmp_path_factory.mktemp("slicer_server")
     model_dir = root / "model"
     model_dir.mkdir()
-    shutil.copyfile(small_model, model_dir / "pretrained_classify_nodule.pt")
+    shutil.copyfile(model, model_dir / "pretrained_classify_nodule.pt")
     studies = root / "studies"
 
     def datalist(rows):
@@ -51,6 +49,13 @@ def server(tmp_path_factory, small_model) -> MonaiLabelServer:
     import_collection(datalist(UNCONFIRMED), studies, with_diagnosis=False)
     srv = MonaiLabelServer(studies, model_dir, log_path=root / "server.log")
     srv.start()
+    return srv
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, small_model) -> MonaiLabelServer:
+    """The server shared by the tests that do not change its model (training has its own)."""
+    srv = start_server(tmp_path_factory.mktemp("slicer_server"), small_model)
     yield srv
     srv.stop()
 

@@ -207,7 +207,7 @@ def test_an_old_mask_is_not_left_showing_when_a_new_answer_has_none(scene):
     from ThyroidNoduleLib import NoduleLogic
     from ThyroidNoduleLib.display import REF_HEAT, REF_MASK
     from ThyroidNoduleLib.multipart import encode_multipart
-    from ThyroidNoduleLib.nrrd import write_nrrd
+    from ThyroidNoduleLib.volumes import write_nrrd
 
     mask = np.zeros((1, 48, 64), np.uint8)
     mask[0, 10:30, 20:40] = 200
@@ -244,7 +244,7 @@ def test_mask_on_another_grid_is_not_displayed(scene):
     still shown."""
     from ThyroidNoduleLib import NoduleLogic
     from ThyroidNoduleLib.multipart import encode_multipart
-    from ThyroidNoduleLib.nrrd import write_nrrd
+    from ThyroidNoduleLib.volumes import write_nrrd
 
     wrong = write_nrrd(np.zeros((1, 48, 64), np.uint8), np.diag([2.0, 1.0, 1.0, 1.0]))  # 2 mm columns
     body, ctype = encode_multipart({"params": json.dumps(result_json()), "image": ("m.nrrd", wrong, "application/octet-stream")})

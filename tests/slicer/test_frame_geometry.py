@@ -213,7 +213,8 @@ def test_nrrd_reader_handles_pynrrd_and_raw_big_endian(tmp_path):
 
 
 def test_nrrd_reader_refuses_what_it_cannot_read():
-    from ThyroidNoduleLib.nrrd import NrrdError, read_nrrd, write_nrrd
+    from ThyroidNoduleLib.nrrd import NrrdError, read_nrrd
+    from ThyroidNoduleLib.volumes import write_nrrd
 
     with pytest.raises(NrrdError, match="not an NRRD"):
         read_nrrd(b"\x89PNG\r\n\x1a\n....")
@@ -341,3 +342,22 @@ def test_multipart_parser_reads_monai_labels_encoder():
     again = parse_multipart(body, ctype)
     assert again["file"].data == payload and again["file"].filename == 'a "b".nrrd'
     assert again["info"].data == b'{"diagnosis": "benign"}'
+
+
+def test_multipart_parser_refuses_malformed_bodies():
+    from ThyroidNoduleLib.multipart import MAX_PARTS, MultipartError, encode_multipart, header_params, parse_multipart
+
+    body, ctype = encode_multipart({"params": "{}", "image": ("m.nrrd", b"\r\n--x\n" * 50, "")})
+    boundary = header_params(ctype)[1]["boundary"]
+    refused = {
+        "not a multipart body": (body, "application/json"),
+        "has no boundary": (body, "multipart/form-data; boundary=" + "b" * 201),
+        "does not contain its boundary": (b"<html>Bad gateway</html>", ctype),
+        "no closing boundary": (body[:-4], ctype),
+        "more than": encode_multipart({f"f{i}": "x" for i in range(MAX_PARTS + 1)}),
+        "no field name": (body.replace(b'form-data; name="params"', b"form-data"), ctype),
+    }
+    for message, (data, content_type) in refused.items():
+        with pytest.raises(MultipartError, match=message):
+            parse_multipart(data, content_type)
+    assert parse_multipart(body, ctype.replace(boundary, f'"{boundary}"'))["image"].data == b"\r\n--x\n" * 50

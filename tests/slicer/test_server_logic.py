@@ -256,6 +256,9 @@ def test_classify_all_adds_a_row_per_server_image(logic, scene):
     assert set(batch) == set(store["objects"])
     assert all(r["label"] in ("benign", "malignant") and r["model"].startswith("sha256:") for r in batch.values())
     assert seen[-1].status == "DONE"
+    # the batch's declared progress record (GET /batch/infer -> details) counted every image
+    assert seen[-1].done == seen[-1].total == len(batch)
+    assert all(p.done is None or p.done <= p.total for p in seen)
     rows = [r for r in table_rows(ensure_table(scene)) if r["Source"] == "batch"]
     assert sorted(r["Image ID"] for r in rows) == sorted(batch)
     for r in rows:

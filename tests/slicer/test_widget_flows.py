@@ -35,9 +35,18 @@ class Signal:
 
 
 class QTimer:
+    #: every timer made since the panel was built (the test fires them as Qt's event loop would)
+    created: list = []
+
     def __init__(self) -> None:
         self.timeout = Signal()
         self.active = False
+        self.interval = 0
+        QTimer.created.append(self)
+
+    def fire(self) -> None:
+        for slot in list(self.timeout.slots):
+            slot()
 
     def setInterval(self, ms: int) -> None:
         self.interval = ms
@@ -128,12 +137,14 @@ def parameter_node_wrapper(cls):
             return self._observed.RemoveObserver(*args)
 
         def connectGui(self, ui):
+            type(self).connected = self  # the node the panel shows (as the real wrapper binds it)
             return "tag"
 
         def disconnectGui(self, tag) -> None:
             pass
 
     Wrapped.__name__ = cls.__name__
+    Wrapped.connected = None
     return Wrapped
 
 
@@ -147,6 +158,7 @@ class Panel:
         self.errors, self.infos = [], []
         qt = types.ModuleType("qt")
         qt.QTimer, qt.QSettings = QTimer, QSettings
+        QTimer.created = []
         qt.Qt = types.SimpleNamespace(WaitCursor=3)
         QSettings.store = {}
         slm = types.ModuleType("slicer.ScriptedLoadableModule")
@@ -218,15 +230,25 @@ class Panel:
 
     @property
     def params(self):
-        return self.widget._parameterNode
+        """The parameter node the panel is bound to."""
+        return self.module.ThyroidNoduleParameterNode.connected
+
+    def active_timer(self, interval_ms: int) -> QTimer:
+        """The one running timer of this period (e.g. the module's ``TRAIN_POLL_INTERVAL_MS``)."""
+        running = [t for t in QTimer.created if t.active and t.interval == interval_ms]
+        assert len(running) == 1, f"{len(running)} running timers of {interval_ms} ms"
+        return running[0]
 
     def wait(self, timeout: float = 300.0) -> None:
-        """Fire the task timer (as Qt's event loop would) until every worker task is delivered."""
+        """Fire the task timer (as Qt's event loop would) until the widget stops it: every
+        worker task has been delivered."""
         deadline = time.monotonic() + timeout
-        while self.widget._tasks.busy():
-            assert time.monotonic() < deadline, f"tasks still running: {self.widget._tasks.pending()}"
-            for slot in self.widget._taskTimer.timeout.slots:
-                slot()
+        tasks = [t for t in QTimer.created if t.interval == self.module.POLL_INTERVAL_MS]
+        while any(t.active for t in tasks):
+            assert time.monotonic() < deadline, "worker tasks still running"
+            for timer in tasks:
+                if timer.active:
+                    timer.fire()
             time.sleep(0.02)
 
     def close(self) -> None:
@@ -307,22 +329,25 @@ def test_panel_shows_one_message_when_the_server_is_down(panel, scene):
 
 def test_training_and_batch_progress_in_the_panel(panel, scene):
     ui = panel.ui
+    # log lines that disagree with the declared fields: the panel shows the declared ones
     train_states = iter([
-        {"status": "RUNNING", "details": ["[train] epoch 1/2 step 1/2 loss 0.70"]},
-        {"status": "DONE", "details": ["[train] epoch 2/2 done in 3.1s loss 0.52", "[train] published sha256:abc"]},
+        {"status": "RUNNING", "details": ["[train] epoch 2/2 step 1/2 loss 0.70"]},
+        {"status": "DONE", "details": ["[train] epoch 1/2 done in 3.1s loss 0.52", "[train] published sha256:abc"]},
     ])
-    info = {"train_stats": {"classify_nodule": {"status": "done", "epoch": 2, "total_epochs": 2, "published": True,
-                                                "model": "sha256:abc", "best_metric": 0.75,
-                                                "metrics": {"auc": 0.75, "accuracy": 0.7, "sensitivity": 0.6,
-                                                            "specificity": 0.8, "threshold": 0.62}}}}
+    stats = iter([
+        {"status": "running", "epoch": 1, "total_epochs": 4},
+        {"status": "done", "epoch": 2, "total_epochs": 2, "published": True, "model": "sha256:abc", "best_metric": 0.75,
+         "metrics": {"auc": 0.75, "accuracy": 0.7, "sensitivity": 0.6, "specificity": 0.8, "threshold": 0.62}},
+    ])
     result = {"label": "malignant", "probabilities": {"benign": 0.1, "malignant": 0.9}, "model": "sha256:abc"}
     store = {"objects": {"a": {"labels": {"original": {"info": {"params": result}}}}, "b": {"labels": {}}}}
     routes = {
         "POST /train/classify_nodule": lambda h, b: json_answer(200, {"status": "SUBMITTED", "request": json_body(b)}),
         "GET /train/": lambda h, b: json_answer(200, next(train_states)),
-        "GET /info/": lambda h, b: json_answer(200, info),
+        "GET /info/": lambda h, b: json_answer(200, {"train_stats": {"classify_nodule": next(stats)}}),
         "POST /batch/infer/classify_nodule": lambda h, b: json_answer(200, {"status": "SUBMITTED"}),
-        "GET /batch/infer": lambda h, b: json_answer(200, {"status": "DONE", "details": ["[batch] 2/2 images"]}),
+        "GET /batch/infer": lambda h, b: json_answer(200, {"status": "DONE", "details": [
+            '{"batch_progress": {"done": 2, "total": 2, "unit": "images"}}', "[batch] 1/2 images"]}),
         "GET /datastore/": lambda h, b: json_answer(200, store),
     }
     with FakeServer(routes) as fake:
@@ -331,22 +356,25 @@ def test_training_and_batch_progress_in_the_panel(panel, scene):
         ui.trainButton.click()
         panel.wait()
         assert fake.requests[0][3] == b'{"max_epochs": 2, "publish": "if_better"}'
-        assert panel.widget._trainTimer.active and not ui.trainButton.enabled and ui.stopTrainingButton.enabled
-        panel.widget._pollTraining()
+        poll = panel.active_timer(panel.module.TRAIN_POLL_INTERVAL_MS)
+        assert not ui.trainButton.enabled and ui.stopTrainingButton.enabled
+        poll.fire()
         panel.wait()
-        assert ui.trainProgressBar.value == 25 and ui.trainStatusLabel.text == "Training: epoch 1 of 2."
-        panel.widget._pollTraining()
+        assert ui.trainProgressBar.value == 25 and ui.trainStatusLabel.text == "Training: 1 of 4 epochs done."
+        poll.fire()
         panel.wait()
-        assert ui.trainProgressBar.value == 100 and not panel.widget._trainTimer.active
+        assert ui.trainProgressBar.value == 100 and not poll.active
         assert ui.trainStatusLabel.text.startswith(
             "Training finished (2/2 epochs): validation auc 0.75, accuracy 0.70, sensitivity 0.60, specificity 0.80 at threshold 0.62;")
         assert ui.trainButton.enabled and not ui.stopTrainingButton.enabled
 
         ui.classifyAllButton.click()
         panel.wait()
-        assert panel.widget._batchTimer.active and not ui.classifyAllButton.enabled
-        panel.widget._pollBatch()
+        poll = panel.active_timer(panel.module.BATCH_POLL_INTERVAL_MS)
+        assert not ui.classifyAllButton.enabled
+        poll.fire()
         panel.wait()
+        assert not poll.active
         assert ui.classifyAllButton.enabled and ui.batchProgressBar.value == 100
         assert ui.statusLabel.text == "Classified 1 images of the server; see the results table."
         from ThyroidNoduleLib.results import table_rows

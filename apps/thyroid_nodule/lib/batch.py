@@ -5,10 +5,18 @@ network in batches, and each image's mask and result JSON are saved as a label (
 ``original`` by default, MONAI Label's tag for model output) with ``params`` holding the result,
 both when the batch runs in the request (``run_sync=true``) and as a background task. A failed
 image is reported and skipped; the batch goes on.
+
+Progress of a background batch (the declared contract; 3D Slicer's module reads it): after each
+chunk of images the task prints one line that is a JSON object,
+``{"batch_progress": {"done": 16, "total": 40, "unit": "images"}}`` (``done``: images processed
+so far, failed ones included; ``total``: images this run classifies, those whose result is
+stored already not counted), which MONAI Label shows among the last lines of ``GET /batch/infer``
+-> ``details``. The ``[batch] ...`` lines beside it are for people only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -98,10 +106,20 @@ class PersistingBatchInfer(BatchInferTask):
                     results[image_id] = result
             done += len(chunk)
             print(f"[batch] {done}/{len(image_ids)} images", flush=True)
+            print(progress_line(done, len(image_ids)), flush=True)
         failed = sum(1 for r in results.values() if "error" in r)
         logger.info("batch inference of %d images in %.1fs, %d failed", len(image_ids), time.time() - start, failed)
         return {"total": len(image_ids) + len(stored), "failed": failed, "skipped": len(stored), "label_tag": tag,
                 "results": results, "seconds": round(time.time() - start, 2)}
+
+
+#: key of the JSON progress line a background batch prints (see the module docstring)
+PROGRESS_KEY = "batch_progress"
+
+
+def progress_line(done: int, total: int) -> str:
+    """The batch's progress record: one line of JSON, ``done`` of ``total`` images."""
+    return json.dumps({PROGRESS_KEY: {"done": int(done), "total": int(total), "unit": "images"}})
 
 
 def _results_already_stored(datastore: Datastore, task: ClassifyNodule, image_ids) -> set:

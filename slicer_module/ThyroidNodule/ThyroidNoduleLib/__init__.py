@@ -35,6 +35,8 @@ from .logic import (
     NextCase,
     NoduleLogic,
     TrainingProgress,
+    batch_progress_from,
+    training_progress_from,
 )
 from .tasks import BackgroundTasks
 
@@ -63,5 +65,7 @@ __all__ = [
     "ThyroidNoduleError",
     "Timeouts",
     "TrainingProgress",
+    "batch_progress_from",
     "normalize_url",
+    "training_progress_from",
 ]

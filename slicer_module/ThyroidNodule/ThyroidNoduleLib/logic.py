@@ -17,8 +17,8 @@ The 3D Slicer widget runs the middle column in a worker thread; :meth:`classify`
 :meth:`confirm`, :meth:`next_case` and :meth:`classify_all` chain the three steps for headless
 use (tests, the slicer-core example, Slicer's Python console).
 
-Geometry: the frame is sent as an NRRD file written here from the volume's voxels and IJKToRAS
-(converted to LPS), so the server sees exactly Slicer's grid; the mask that comes back must be
+Geometry: the frame is sent as an NRRD file that Slicer's storage node writes from the volume's
+voxels and IJKToRAS (LPS in the file), so the server sees exactly Slicer's grid; the mask that comes back must be
 on that grid (its NRRD header and the result's ``image`` fields are both checked) and is put into
 nodes that copy the volume's IJKToRAS.
 """
@@ -26,6 +26,7 @@ nodes that copy the volume's IJKToRAS.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -39,8 +40,8 @@ from . import display, results
 from .client import InferResponse, MonaiLabelClient, Timeouts
 from .errors import BadResponseError, GeometryMismatchError, InputError, ServerError, ThyroidNoduleError
 from .geometry import FrameLayout, check_result_geometry, grid_of, lps_from_ras, pixel_box_from_corners
-from .nrrd import NrrdError, read_nrrd, write_nrrd
-from .volumes import load_frame_file, node_to_world, volume_array, volume_ijk_to_ras
+from .nrrd import NrrdError, read_nrrd
+from .volumes import load_frame_file, node_to_world, volume_array, volume_ijk_to_ras, write_nrrd
 
 __all__ = [
     "ATTR_IMAGE_ID",
@@ -55,6 +56,8 @@ __all__ = [
     "PreparedConfirmation",
     "PreparedFrame",
     "TrainingProgress",
+    "batch_progress_from",
+    "training_progress_from",
 ]
 
 TASK_NAME = "classify_nodule"
@@ -66,8 +69,8 @@ ATTR_SERVER = "ThyroidNodule.ServerUrl"
 #: volume attribute 3D Slicer's DICOM module sets: the SOP Instance UIDs the volume was loaded from
 ATTR_DICOM_UIDS = "DICOM.instanceUIDs"
 _ID_CHARS = re.compile(r"[^A-Za-z0-9._()+\- ]")
-_TRAIN_LINE = re.compile(r"\[train\] epoch (\d+)/(\d+)(?: step (\d+)/(\d+))?(.*)")
-_BATCH_LINE = re.compile(r"\[batch\] (\d+)/(\d+) images")
+#: key of the JSON line a background batch prints after each chunk of images
+BATCH_PROGRESS_KEY = "batch_progress"
 
 #: loads an image file into the scene: ``loader(scene, path, name) -> volume node``
 VolumeLoader = Callable[[Any, str, str], Any]
@@ -230,19 +233,21 @@ def validation_text(metrics: Dict[str, Any]) -> str:
 
 @dataclass
 class TrainingProgress:
-    """Training state for display.
+    """Training state for display, read from declared fields only (see
+    :func:`training_progress_from`).
 
     Attributes:
         status: ``NONE`` (never trained), ``SUBMITTED``, ``RUNNING``, ``DONE``, ``ERROR`` or
             ``STOPPED`` (MONAI Label's task states).
-        epoch, total_epochs: the last epoch reported (``None`` when unknown).
-        fraction: progress in ``[0, 1]`` (``None`` when unknown).
+        epoch: epochs the run has completed; total_epochs: the epochs it was asked for
+            (``None`` when unknown, e.g. before the run wrote its first stats).
+        fraction: progress in ``[0, 1]``: ``epoch / total_epochs`` while running, 1 when done
+            (``None`` when unknown).
         metrics: validation metrics of the finished run (``auc``, ``accuracy``, ...).
         best_metric: best validation AUC of the finished run.
         published: whether the finished run's model now serves.
         model: identity of the model served after the run.
         error: why the run failed ("" otherwise).
-        last_line: the last ``[train]`` log line.
     """
 
     status: str
@@ -254,7 +259,6 @@ class TrainingProgress:
     published: Optional[bool] = None
     model: Optional[str] = None
     error: str = ""
-    last_line: str = ""
 
     @property
     def running(self) -> bool:
@@ -267,7 +271,7 @@ class TrainingProgress:
             return "No training has run on this server yet."
         if self.running:
             if self.epoch is not None and self.total_epochs:
-                return f"Training: epoch {self.epoch} of {self.total_epochs}."
+                return f"Training: {self.epoch} of {self.total_epochs} epochs done."
             return "Training is starting..."
         if self.status == "STOPPED":
             return "Training was stopped; the served model is unchanged."
@@ -279,9 +283,53 @@ class TrainingProgress:
         return f"Training finished ({self.epoch}/{self.total_epochs} epochs): validation {shown or 'metrics unavailable'}; {published}."
 
 
+def _count(value: Any) -> Optional[int]:
+    """``value`` when it is a non-negative whole number (JSON), else ``None``."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def training_progress_from(task_status: str, stats: Dict[str, Any], details: Optional[List[Any]] = None) -> TrainingProgress:
+    """The training state from MONAI Label's task state and the run's declared stats.
+
+    Args:
+        task_status: ``GET /train/`` -> ``status`` (``RUNNING``, ``DONE``, ...).
+        stats: ``/info`` -> ``train_stats.classify_nodule``: ``status`` (``running`` while a
+            run goes on, then ``done``, ``stopped early``, ``stopped`` or ``failed``), ``epoch``
+            (epochs completed), ``total_epochs``, and for a finished run ``metrics``,
+            ``best_metric``, ``published``, ``model``, ``error`` (the module README,
+            "Progress contract").
+        details: ``GET /train/`` -> ``details``, the run's last log lines; only shown to the
+            user (as the reason of a failure the stats do not explain), never parsed.
+    """
+    status = str(task_status or "").upper() or "NONE"
+    progress = TrainingProgress(status=status)
+    epoch, total = _count(stats.get("epoch")), _count(stats.get("total_epochs"))
+    if progress.running:
+        # stats not (yet) "running" are the previous run's: this one has not written its own
+        if str(stats.get("status", "")).lower() == "running" and epoch is not None and total:
+            progress.epoch, progress.total_epochs = epoch, total
+            progress.fraction = min(1.0, epoch / total)
+        return progress
+    if status in ("DONE", "ERROR") and stats:
+        progress.metrics = dict(stats.get("metrics") or {})
+        progress.best_metric = stats.get("best_metric")
+        progress.published = stats.get("published")
+        progress.model = stats.get("model")
+        progress.epoch, progress.total_epochs = epoch, total
+        progress.error = str(stats.get("error") or "")
+        if status == "DONE":  # the process ended normally, but the run may not have
+            progress.status = {"failed": "ERROR", "stopped": "STOPPED"}.get(str(stats.get("status", "")).lower(), status)
+    if progress.status == "DONE":
+        progress.fraction = 1.0
+    if progress.status == "ERROR" and not progress.error and details:
+        progress.error = str(details[-1]).strip()[-300:]
+    return progress
+
+
 @dataclass
 class BatchProgress:
-    """Batch inference state: ``status`` (as :class:`TrainingProgress`), ``done``/``total`` images."""
+    """Batch inference state: ``status`` (as :class:`TrainingProgress`), ``done``/``total`` images
+    (see :func:`batch_progress_from`)."""
 
     status: str
     done: Optional[int] = None
@@ -297,6 +345,33 @@ class BatchProgress:
         return {"DONE": "Batch classification finished.", "STOPPED": "Batch classification was stopped.",
                 "ERROR": "Batch classification failed; see the server log.", "NONE": "No batch classification has run."}.get(
             self.status, f"Batch classification: {self.status.lower()}.")
+
+
+def _json_object(line: Any) -> Dict[str, Any]:
+    """``line`` as a JSON object, or ``{}`` when it is not one (an ordinary log line)."""
+    text = str(line).strip()
+    if not text.startswith("{"):
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def batch_progress_from(task: Dict[str, Any]) -> BatchProgress:
+    """The batch state from ``GET /batch/infer``: ``status``, and the last progress record among
+    ``details``: a line that is the JSON object ``{"batch_progress": {"done": D, "total": T,
+    "unit": "images"}}`` (the module README, "Progress contract"); other lines are ignored."""
+    progress = BatchProgress(status=str(task.get("status", "")).upper() or "NONE")
+    for line in reversed(list(task.get("details") or [])):
+        record = _json_object(line).get(BATCH_PROGRESS_KEY)
+        if isinstance(record, dict):
+            done, total = _count(record.get("done")), _count(record.get("total"))
+            if done is not None and total is not None and done <= total:
+                progress.done, progress.total = done, total
+                break
+    return progress
 
 
 def _probability(result: Dict[str, Any], name: str) -> float:
@@ -705,44 +780,17 @@ class NoduleLogic:
         return self._require_client().train_start(TASK_NAME, params)
 
     def training_progress(self) -> TrainingProgress:
-        """Training state from ``GET /train/`` and, for finished runs, ``/info`` (network only)."""
+        """Training state (network only): the task's state from ``GET /train/``, the run's
+        epochs, metrics, publication and errors from ``/info`` -> ``train_stats``."""
         client = self._require_client()
         task = client.train_status()
         if task is None:
             return TrainingProgress(status="NONE")
         status = str(task.get("status", "")).upper() or "NONE"
-        progress = TrainingProgress(status=status)
-        details = task.get("details") or []
-        for line in reversed([str(v) for v in details]):
-            match = _TRAIN_LINE.search(line)
-            if match:
-                epoch, total = int(match.group(1)), int(match.group(2))
-                progress.epoch, progress.total_epochs, progress.last_line = epoch, total, line.strip()
-                done_epochs = epoch - 1
-                if match.group(3) and match.group(4) and int(match.group(4)) > 0:
-                    done_epochs += int(match.group(3)) / int(match.group(4))
-                elif "done" in (match.group(5) or ""):
-                    done_epochs = epoch
-                progress.fraction = max(0.0, min(1.0, done_epochs / total)) if total else None
-                break
-        if progress.running:
-            return progress
-        stats = ((client.info().get("train_stats") or {}).get(TASK_NAME) or {}) if status in ("DONE", "ERROR") else {}
-        if stats:
-            progress.metrics = dict(stats.get("metrics") or {})
-            progress.best_metric = stats.get("best_metric")
-            progress.published = stats.get("published")
-            progress.model = stats.get("model")
-            progress.epoch = stats.get("epoch", progress.epoch)
-            progress.total_epochs = stats.get("total_epochs", progress.total_epochs)
-            progress.error = str(stats.get("error") or "")
-            if str(stats.get("status", "")).lower() == "failed" and status == "DONE":
-                progress.status = "ERROR"
-        if status == "DONE" and progress.status == "DONE":
-            progress.fraction = 1.0
-        if progress.status == "ERROR" and not progress.error and details:
-            progress.error = str(details[-1]).strip()[-300:]
-        return progress
+        stats = {}
+        if status in ("RUNNING", "DONE", "ERROR"):
+            stats = (client.info().get("train_stats") or {}).get(TASK_NAME) or {}
+        return training_progress_from(status, stats if isinstance(stats, dict) else {}, task.get("details"))
 
     def stop_training(self) -> None:
         """Stop the running training (network only)."""
@@ -762,15 +810,7 @@ class NoduleLogic:
     def batch_progress(self) -> BatchProgress:
         """Batch state from ``GET /batch/infer`` (network only)."""
         task = self._require_client().batch_status()
-        if task is None:
-            return BatchProgress(status="NONE")
-        progress = BatchProgress(status=str(task.get("status", "")).upper() or "NONE")
-        for line in reversed([str(v) for v in task.get("details") or []]):
-            match = _BATCH_LINE.search(line)
-            if match:
-                progress.done, progress.total = int(match.group(1)), int(match.group(2))
-                break
-        return progress
+        return BatchProgress(status="NONE") if task is None else batch_progress_from(task)
 
     def batch_results(self, label_tag: str = "original") -> Dict[str, Dict[str, Any]]:
         """The stored batch result JSON of every image that has one (network only).

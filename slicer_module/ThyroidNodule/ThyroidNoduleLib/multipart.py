@@ -1,6 +1,7 @@
 """``multipart/form-data`` encoding (requests) and decoding (MONAI Label's infer answers).
 
-Standard library only. MONAI Label answers ``POST /infer/{model}?output=all`` with a
+Standard library only: decoding and header parameters use the ``email`` package (part of 3D
+Slicer's bundled Python); encoding is the few lines of a form body. MONAI Label answers ``POST /infer/{model}?output=all`` with a
 ``multipart/form-data`` body holding a ``params`` part (the result JSON) and an ``image`` part
 (the mask file), but with a JSON body alone when there is no mask; :func:`parse_multipart`
 handles the first, the client handles the second.
@@ -8,6 +9,11 @@ handles the first, the client handles the second.
 
 from __future__ import annotations
 
+import email.errors
+import email.message
+import email.parser
+import email.policy
+import email.utils
 import secrets
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple, Union
@@ -71,40 +77,32 @@ def encode_multipart(fields: Mapping[str, FieldValue]) -> Tuple[bytes, str]:
 
 
 def header_params(value: str) -> Tuple[str, Dict[str, str]]:
-    """Split a header like ``form-data; name="a"; filename="b.nrrd"`` into its main value and
-    parameters (names lower-cased, quotes and backslash escapes removed)."""
-    items: List[str] = []
-    current, quoted, escaped = [], False, False
-    for ch in value:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-            current.append(ch)
-        elif ch == ";" and not quoted:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    items.append("".join(current))
-    main = items[0].strip().lower()
-    params: Dict[str, str] = {}
-    for item in items[1:]:
-        if "=" not in item:
-            continue
-        key, _, val = item.partition("=")
-        val = val.strip()
-        if len(val) >= 2 and val[0] == val[-1] == '"':
-            val = val[1:-1]
-        params[key.strip().lower()] = val
-    return main, params
+    """Split a header like ``form-data; name="a"; filename="b.nrrd"`` into its main value
+    (lower-cased) and parameters (names lower-cased, quotes, backslash escapes and RFC 2231
+    encodings undone), with the standard library's ``email`` header parsing."""
+    message = email.message.Message()
+    message["x"] = value or ""
+    items = message.get_params(header="x") or [("", "")]
+    params = {key.strip().lower(): email.utils.collapse_rfc2231_value(val) for key, val in items[1:] if key}
+    return items[0][0].strip().lower(), params
+
+
+#: MIME defects after which a body's parts cannot be trusted (cut off or not multipart at all)
+_FATAL_DEFECTS = (
+    email.errors.StartBoundaryNotFoundDefect,
+    email.errors.CloseBoundaryNotFoundDefect,
+    email.errors.NoBoundaryInMultipartDefect,
+    email.errors.MultipartInvariantViolationDefect,
+)
+#: longest boundary accepted (RFC 2046 allows 70 characters)
+MAX_BOUNDARY = 200
+#: most parts accepted (MONAI Label sends two)
+MAX_PARTS = 16
 
 
 def parse_multipart(body: bytes, content_type: str) -> Dict[str, Part]:
-    """Parse a ``multipart/form-data`` (or ``multipart/mixed``) body.
+    """Parse a ``multipart/form-data`` (or ``multipart/mixed``) body with the standard
+    library's ``email`` parser.
 
     Args:
         body: the whole response body.
@@ -114,60 +112,35 @@ def parse_multipart(body: bytes, content_type: str) -> Dict[str, Part]:
         parts by field name (a later part with the same name replaces an earlier one).
 
     Raises:
-        MultipartError: no boundary, no closing delimiter, or a part without headers.
+        MultipartError: not multipart, no (or an overlong) boundary, a body without its
+        boundary or cut off before its closing one, more than :data:`MAX_PARTS` parts, or a
+        part without a field name.
     """
     main, params = header_params(content_type or "")
     if not main.startswith("multipart/"):
         raise MultipartError(f"not a multipart body ({content_type!r})")
     boundary = params.get("boundary", "")
-    if not boundary or len(boundary) > 200:
+    if not boundary or len(boundary) > MAX_BOUNDARY:
         raise MultipartError("the multipart body has no boundary")
-    delimiter = b"--" + boundary.encode("latin-1")
-    # The first delimiter may start the body; the others follow a CRLF (or a bare LF).
-    if body.startswith(delimiter):
-        pos = 0
-    else:
-        pos = body.find(b"\n" + delimiter)
-        if pos < 0:
+    # the parser reads a whole MIME entity: the HTTP header (one line) above the body
+    head = "Content-Type: " + " ".join(content_type.splitlines()) + "\r\n\r\n"
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head.encode("latin-1", "replace") + body)
+    for defect in message.defects:
+        if isinstance(defect, email.errors.StartBoundaryNotFoundDefect):
             raise MultipartError("the multipart body does not contain its boundary")
-        pos += 1
+        if isinstance(defect, _FATAL_DEFECTS):
+            raise MultipartError("the multipart body has no closing boundary")
+    payload = message.get_payload()
+    if not isinstance(payload, list):
+        raise MultipartError("the multipart body has no parts")
+    if len(payload) > MAX_PARTS:
+        raise MultipartError(f"the multipart body has more than {MAX_PARTS} parts")
     parts: Dict[str, Part] = {}
-    closed = False
-    while True:
-        pos += len(delimiter)
-        if body[pos:pos + 2] == b"--":
-            closed = True
-            break
-        line_end = body.find(b"\n", pos)
-        if line_end < 0:
-            break
-        pos = line_end + 1
-        header_end = body.find(b"\r\n\r\n", pos)
-        sep = 4
-        lf_end = body.find(b"\n\n", pos)
-        if header_end < 0 or (0 <= lf_end < header_end):
-            header_end, sep = lf_end, 2
-        if header_end < 0:
-            raise MultipartError("a multipart part has no header end")
-        headers: Dict[str, str] = {}
-        for raw in body[pos:header_end].split(b"\n"):
-            raw = raw.rstrip(b"\r")
-            if not raw:
-                continue
-            key, _, val = raw.decode("utf-8", "replace").partition(":")
-            headers[key.strip().lower()] = val.strip()
-        data_start = header_end + sep
-        nxt = body.find(b"\n" + delimiter, data_start)
-        if nxt < 0:
-            raise MultipartError("the multipart body ends before its closing boundary")
-        data_end = nxt - 1 if nxt > data_start and body[nxt - 1:nxt] == b"\r" else nxt
-        disposition, dparams = header_params(headers.get("content-disposition", ""))
-        name = dparams.get("name")
-        if name is None:
+    for part in payload:
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
             raise MultipartError("a multipart part has no field name")
-        parts[name] = Part(name=name, data=body[data_start:max(data_start, data_end)], filename=dparams.get("filename"),
-                           content_type=headers.get("content-type", ""))
-        pos = nxt + 1
-    if not closed:
-        raise MultipartError("the multipart body has no closing boundary")
+        data = part.get_payload(decode=True)
+        parts[name] = Part(name=name, data=data if isinstance(data, bytes) else b"", filename=part.get_filename(),
+                           content_type=part.get("content-type", "") or "")
     return parts

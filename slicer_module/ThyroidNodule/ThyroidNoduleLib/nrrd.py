@@ -1,14 +1,13 @@
-"""NRRD files in memory, written and read the way 3D Slicer does (numpy, gzip, standard library).
+"""Reading NRRD files in memory (numpy, gzip, standard library).
 
-Writing mirrors ``vtkMRMLVolumeArchetypeStorageNode::WriteData`` for one 2D frame:
-
-- scalar frame: ``dimension: 3``, ``sizes: W H 1``, ``kinds: domain domain domain``,
-  ``space directions: (..) (..) (..)``;
-- RGB frame: ``dimension: 4``, ``sizes: 3 W H 1``, ``kinds: RGB-color domain domain domain``,
-  ``space directions: none (..) (..) (..)``;
-
-always with ``space: left-posterior-superior`` and ``space origin``, so that any NRRD reader
-(ITK, pynrrd, the MONAI Label app) finds the same grid as Slicer.
+Writing is Slicer's own: :func:`~ThyroidNoduleLib.volumes.write_nrrd` runs
+``vtkMRMLVolumeArchetypeStorageNode`` (headless in slicer-core as in 3D Slicer). Reading stays
+here, by hand, because it checks a server's answer before anything of it enters the scene: the
+header fields themselves (``sizes``, ``kinds``, ``space``, directions, origin) are compared with
+the frame that was sent, a malformed answer (too little data, detached data, an unknown
+encoding) is refused with a message instead of reaching ITK's reader, and the bytes need not be written to a file first. Slicer's reader needs
+a file and a volume node and normalises the header away (an ``RGB-color`` axis and a
+``vector`` axis both become components; a RAS file becomes LPS).
 
 Reading accepts attached-data NRRD files with raw or gzip encoding (what Slicer, ITK and pynrrd
 write), any number of domain axes and at most one non-spatial axis.
@@ -16,33 +15,20 @@ write), any number of domain axes and at most one non-spatial axis.
 
 from __future__ import annotations
 
-import gzip
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["NrrdError", "NrrdImage", "read_nrrd", "write_nrrd"]
+__all__ = ["NrrdError", "NrrdImage", "read_nrrd"]
 
 
 class NrrdError(ValueError):
     """The bytes are not an NRRD file this reader understands."""
 
 
-_TYPES = {
-    np.dtype(np.int8): "signed char",
-    np.dtype(np.uint8): "unsigned char",
-    np.dtype(np.int16): "short",
-    np.dtype(np.uint16): "unsigned short",
-    np.dtype(np.int32): "int",
-    np.dtype(np.uint32): "unsigned int",
-    np.dtype(np.int64): "long long",
-    np.dtype(np.uint64): "unsigned long long",
-    np.dtype(np.float32): "float",
-    np.dtype(np.float64): "double",
-}
 _TYPE_ALIASES = {
     "signed char": "i1", "int8": "i1", "int8_t": "i1",
     "uchar": "u1", "unsigned char": "u1", "uint8": "u1", "uint8_t": "u1",
@@ -107,60 +93,6 @@ class NrrdImage:
         if self.space in ("right-anterior-superior", "ras"):
             m = np.diag([-1.0, -1.0, 1.0, 1.0]) @ m
         return m
-
-
-def _fmt(v: float) -> str:
-    text = repr(float(v))
-    if text.endswith(".0"):
-        text = text[:-2]
-    return "0" if text == "-0" else text
-
-
-def _vector(v: Sequence[float]) -> str:
-    return "(" + ",".join(_fmt(x) for x in v) + ")"
-
-
-def write_nrrd(array: np.ndarray, ijk_to_lps: np.ndarray, compress: bool = True) -> bytes:
-    """Encode one frame as NRRD bytes, as 3D Slicer writes a volume node.
-
-    Args:
-        array: ``(K, J, I)`` scalar or ``(K, J, I, C)`` multi-component pixels (numpy order of
-            ``slicer.util.arrayFromVolume``: slice, row, column[, component]); ``C`` of 3 is
-            written as ``RGB-color``, 4 as ``RGBA-color``, others as ``vector``.
-        ijk_to_lps: ``(4, 4)`` matrix from voxel index ``(i, j, k)`` to LPS millimetres.
-        compress: gzip the data (Slicer's default) or write it raw.
-
-    Returns:
-        the file's bytes (header and attached data).
-    """
-    a = np.ascontiguousarray(array)
-    if a.ndim not in (3, 4):
-        raise NrrdError(f"expected a (K, J, I) or (K, J, I, C) array, got shape {a.shape}")
-    dtype = a.dtype.newbyteorder("<") if a.dtype.itemsize > 1 else a.dtype
-    ntype = _TYPES.get(np.dtype(a.dtype.str.replace(">", "<")))
-    if ntype is None:
-        raise NrrdError(f"pixel type {a.dtype} cannot be written to NRRD")
-    a = a.astype(dtype, copy=False)
-    m = np.asarray(ijk_to_lps, dtype=float)
-    dirs = " ".join(_vector(m[:3, c]) for c in range(3))
-    lines = ["NRRD0004", "# Complete NRRD file format specification at:", "# http://teem.sourceforge.net/nrrd/format.html",
-             f"type: {ntype}"]
-    k, j, i = a.shape[:3]
-    if a.ndim == 3:
-        lines += ["dimension: 3", "space: left-posterior-superior", f"sizes: {i} {j} {k}", f"space directions: {dirs}",
-                  "kinds: domain domain domain"]
-    else:
-        c = a.shape[3]
-        kind = {3: "RGB-color", 4: "RGBA-color"}.get(c, "vector")
-        lines += ["dimension: 4", "space: left-posterior-superior", f"sizes: {c} {i} {j} {k}", f"space directions: none {dirs}",
-                  f"kinds: {kind} domain domain domain"]
-    if a.dtype.itemsize > 1:
-        lines.append("endian: little")
-    lines.append(f"encoding: {'gzip' if compress else 'raw'}")
-    lines.append(f"space origin: {_vector(m[:3, 3])}")
-    raw = a.tobytes(order="C")
-    payload = gzip.compress(raw, compresslevel=6, mtime=0) if compress else raw
-    return ("\n".join(lines) + "\n\n").encode("ascii") + payload
 
 
 def _parse_vector(text: str) -> Optional[List[float]]:

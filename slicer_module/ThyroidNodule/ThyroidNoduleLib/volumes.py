@@ -8,6 +8,7 @@ Arrays follow ``slicer.util.arrayFromVolume``: ``(K, J, I)`` for scalar volumes 
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Optional
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "volume_array",
     "volume_ijk_to_ras",
     "vtk_matrix",
+    "write_nrrd",
 ]
 
 
@@ -105,6 +107,49 @@ def set_volume_array(node, array: np.ndarray) -> None:
     image.GetPointData().SetScalars(varray)
     node.SetAndObserveImageData(image)
     node.Modified()
+
+
+def write_nrrd(array: np.ndarray, ijk_to_lps: np.ndarray, compress: bool = True) -> bytes:
+    """Encode one frame as NRRD bytes with 3D Slicer's own writer
+    (``vtkMRMLVolumeArchetypeStorageNode``, headless; no scene is touched).
+
+    Scalar frames come out as ``sizes: W H 1``, ``kinds: domain domain domain``; 3-component
+    frames as ``sizes: 3 W H 1``, ``kinds: RGB-color domain domain domain``; always
+    ``space: left-posterior-superior`` with ``space directions`` and ``space origin``.
+
+    Args:
+        array: ``(K, J, I)`` scalar or ``(K, J, I, C)`` multi-component pixels (numpy order of
+            ``slicer.util.arrayFromVolume``: slice, row, column[, component]).
+        ijk_to_lps: ``(4, 4)`` matrix from voxel index ``(i, j, k)`` to LPS millimetres.
+        compress: gzip the data (Slicer's default) or write it raw.
+
+    Returns:
+        the file's bytes (header and attached data).
+
+    Raises:
+        NrrdError: an array of another shape, or a pixel type VTK has no array for.
+    """
+    import slicer
+
+    a = np.asarray(array)
+    if a.ndim not in (3, 4):
+        raise NrrdError(f"expected a (K, J, I) or (K, J, I, C) array, got shape {a.shape}")
+    try:
+        numpy_support.get_vtk_array_type(a.dtype)
+    except TypeError:
+        raise NrrdError(f"pixel type {a.dtype} cannot be written to NRRD") from None
+    node = slicer.vtkMRMLVectorVolumeNode() if a.ndim == 4 else slicer.vtkMRMLScalarVolumeNode()
+    set_volume_array(node, a)
+    node.SetIJKToRASMatrix(vtk_matrix(np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(ijk_to_lps, dtype=float)))
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetUseCompression(1 if compress else 0)
+    with tempfile.TemporaryDirectory(prefix="ThyroidNodule-") as folder:
+        path = os.path.join(folder, "frame.nrrd")
+        storage.SetFileName(path)
+        if not storage.WriteData(node) or not os.path.isfile(path):
+            raise NrrdError(f"3D Slicer could not write the frame ({a.dtype}, shape {a.shape}) as NRRD")
+        with open(path, "rb") as fp:
+            return fp.read()
 
 
 def copy_geometry(source, target) -> None:

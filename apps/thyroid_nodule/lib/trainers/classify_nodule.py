@@ -102,6 +102,20 @@ class ClassifyNoduleTrainer(BasicTrainTask):
         return SimpleInferer()  # validation runs the whole frame through the network
 
     def stats(self):
+        """``/info`` -> ``train_stats.classify_nodule``: the last run's state, rewritten by the run
+        at its start and after every epoch. This is the declared training-progress contract
+        (3D Slicer's module reads it; the ``[train]`` log lines are for people only):
+
+        - ``status``: ``"running"`` (from the moment a run starts), then ``"done"``,
+          ``"stopped early"`` (early stopping: done before ``total_epochs``), ``"stopped"`` or
+          ``"failed"`` (with ``error`` and ``error_type``);
+        - ``epoch``: epochs completed by the current run (integer, 0 until the first ends);
+          ``total_epochs``: the epochs it was asked for (``max_epochs``); progress while running
+          is ``epoch / total_epochs``;
+        - ``start_ts``: when the run started (Unix seconds);
+        - ``best_metric`` (validation AUC), ``metrics``, ``published``, ``model`` of the finished
+          run (see the README's REST section).
+        """
         stats = super().stats()
         if stats.get("status") == "running":
             from monailabel.utils.async_tasks.utils import processes, tasks
