@@ -73,6 +73,7 @@ class ThyroidNoduleApp(MONAILabelApp):
         return None  # sessions off (see the module docstring)
 
     def init_infers(self):
+        self.task_config.infer().result_store = self._datastore  # lib/archive writes single results back
         return {TASK_NAME: self.task_config.infer()}
 
     def init_trainers(self):

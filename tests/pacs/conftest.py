@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 from pydicom.uid import generate_uid
 
 from tests.support.orthanc import OrthancServer, orthanc_available
@@ -62,6 +64,36 @@ def store(orthanc: OrthancServer, datasets, auth=None) -> None:
 
     session = create_session_from_user_pass(*auth) if auth else None
     DICOMwebClient(orthanc.dicomweb, session=session).store_instances(list(datasets))
+
+
+def archive_objects(orthanc: OrthancServer, modality: str) -> list:
+    """(study, series, sop) of the archive's instances of ``modality``."""
+    from dicomweb_client.api import DICOMwebClient
+
+    rows = DICOMwebClient(orthanc.dicomweb).search_for_instances(search_filters={"Modality": modality})
+    return [tuple(row[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018")) for row in rows]
+
+
+def retrieve(orthanc: OrthancServer, uids):
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(orthanc.dicomweb).retrieve_instance(*uids)
+
+
+def results_status(server: MonaiLabelServer) -> dict:
+    """``/info``'s count of single results written to the archive (``datastore.archive.results``)."""
+    return requests.get(f"{server.url}/info/", timeout=60).json()["datastore"]["archive"]["results"]
+
+
+def wait_until(condition, what: str, seconds: float = 30.0):
+    """``condition()``'s first true value, polled for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"not within {seconds:g}s: {what}")
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,15 @@ def test_cache_names_are_uids_only(tmp_path):
     assert cache.path("frames", "1.2.3-f2") == tmp_path / "frames" / "1.2.3-f2.dcm"
 
 
+def test_a_cache_file_names_its_image_and_no_other_file_does(tmp_path):
+    cache = FrameCache(tmp_path / "cache", 1 << 20)
+    assert cache.image_id_of(str(cache.path("instances", "1.2.3"))) == "1.2.3"
+    assert cache.image_id_of(cache.path("frames", "1.2.3-f2")) == "1.2.3-f2"
+    for other in (cache.path("reports", "1.2.3"), tmp_path / "frames" / "1.2.3.dcm", tmp_path / "upload.dcm",
+                  tmp_path / "cache" / "frames" / "x.dcm", tmp_path / "cache" / "frames" / "1.2.3.png", None):
+        assert cache.image_id_of(other) is None
+
+
 @pytest.mark.parametrize("jpeg", [False, True])
 def test_one_frame_of_a_clip_keeps_its_pixels_and_region_spacing(tmp_path, rows, jpeg):
     frames = [gray_frame(r["file"]) for r in rows[:3]]

@@ -8,6 +8,7 @@ Selected when ``--studies`` is an ``http(s)://`` DICOMweb root. Modules:
   bounded local cache;
 - :mod:`.reports`: the DICOM objects written back (TID 1500 Comprehensive SR of a result or of a
   confirmed diagnosis, saliency as SEG) and read back;
+- :mod:`.results`: single classification results written to the archive in the background;
 - :mod:`.datastore`: MONAI Label's datastore interface over all of it.
 """
 

@@ -13,6 +13,9 @@ What each datastore call does here:
   diagnosis: a confirmation SR stored in the archive (observer: the confirming user);
 - ``save_label`` with tag ``original`` and a result in ``params`` (batch inference): the result
   SR and the saliency object stored in the archive, once per model and frame;
+- ``keep_result`` (not MONAI Label's: ``classify_nodule`` hands it each finished single
+  classification): the same objects, written by the background :class:`.results.ResultWriter` so
+  that the answer does not wait for the archive;
 - ``status`` (``/info``): from what is already known, never waiting for the archive (a stale
   listing is refreshed in the background).
 
@@ -22,6 +25,7 @@ labels, changing other info fields and downloading the dataset zip answer 422 wi
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import threading
@@ -37,6 +41,7 @@ from thyroid_plugin.studies import InvalidRequestError, check_id, validate_image
 from . import reports
 from .client import ArchiveClient, ArchiveError, ArchiveNotFound
 from .frames import US_CLASSES, FrameCache, FrameRef, is_uid, parse_image_id, refs_of_instance, single_frame_file
+from .results import DEFAULT_MAX_WAITING, ResultWriter
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +57,11 @@ class ArchiveDatastore(Datastore):
         timeout: seconds to wait for any archive answer (connections: at most 3 s).
         refresh_s: a listing older than this is listed again.
         software_version: written into the objects stored in the archive.
+        result_queue: single results waiting to be written, at most (see :mod:`.results`).
     """
 
     def __init__(self, url: str, cache_dir: str, cache_mb: int = 1024, timeout: float = 20.0, refresh_s: float = 30.0,
-                 software_version: str = "") -> None:
+                 software_version: str = "", result_queue: int = DEFAULT_MAX_WAITING) -> None:
         self.client = ArchiveClient(url, connect_timeout=min(3.0, timeout), read_timeout=timeout)
         self.cache = FrameCache(cache_dir, cache_mb << 20)
         self.refresh_s = float(refresh_s)
@@ -68,6 +74,8 @@ class ArchiveDatastore(Datastore):
         self._error: Optional[str] = None
         self._lock = threading.RLock()
         self._refreshing = threading.Lock()
+        self.results = ResultWriter(lambda image_id, result, mask: self.store_result(image_id, result, io.BytesIO(mask)),
+                                    max_waiting=result_queue)
 
     # ------------------------------------------------------------------------ the listing
     def refresh(self) -> None:
@@ -251,9 +259,11 @@ class ArchiveDatastore(Datastore):
         uid = reports.result_uid("sr", model, ref.sop, ref.frame)
         return bool(self.client.search_instances(study=ref.study, filters={"SOPInstanceUID": uid}))
 
-    def store_result(self, image_id: str, result: Dict[str, Any], mask_file: str) -> bool:
+    def store_result(self, image_id: str, result: Dict[str, Any], mask_file) -> bool:
         """Store the result SR and the saliency of ``image_id`` unless this model's are there
-        already (``False`` then). The saliency goes first: an SR in the archive means both are."""
+        already (``False`` then); ``mask_file`` is the returned mask (a path or a binary file).
+        Both objects are made before anything is sent; the saliency goes first: an SR in the
+        archive means both are."""
         import pydicom
 
         model = str(result["model"])
@@ -264,10 +274,23 @@ class ArchiveDatastore(Datastore):
         mask_ds = pydicom.dcmread(mask_file, force=True)
         saliency = reports.saliency_object(source, ref.frame, mask_ds.pixel_array, model, self.software_version,
                                            sc_mask=mask_ds)
+        sr = reports.result_sr(source, ref.frame, result, self.software_version)
         self.client.store([saliency])
-        self.client.store([reports.result_sr(source, ref.frame, result, self.software_version)])
+        self.client.store([sr])
         logger.info("stored the result of %s for %s in the archive", model, image_id)
         return True
+
+    def keep_result(self, image_path: str, mask_file: str, result: Dict[str, Any]) -> bool:
+        """A finished single classification of the file ``image_path`` (``classify_nodule``'s
+        hook): when that file is an archive frame of the cache (``get_image_uri``), its result
+        and mask are queued to be written (see :mod:`.results`) and this returns at once; an
+        uploaded file is no archive frame and nothing is written (``False``)."""
+        image_id = self.cache.image_id_of(image_path)
+        if image_id is None or not isinstance(result, dict) or "model" not in result:
+            return False
+        with open(mask_file, "rb") as fp:  # the answer's mask file is deleted once it is sent
+            mask = fp.read()
+        return self.results.submit(image_id, copy.deepcopy(result), mask)
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         import pydicom
@@ -312,7 +335,8 @@ class ArchiveDatastore(Datastore):
                     "archive": {"url": self.client.url, "reachable": self._error is None and self._listed_at > 0,
                                 "error": self._error, "listed_at": round(self._listed_at, 1),
                                 "cache_mb": round(self.cache.size() / (1 << 20), 1),
-                                "cache_limit_mb": self.cache.max_bytes >> 20}}
+                                "cache_limit_mb": self.cache.max_bytes >> 20,
+                                "results": self.results.status()}}
 
     def _refresh_quietly(self) -> None:
         try:

@@ -146,6 +146,20 @@ class FrameCache:
             raise ValueError(f"not a cache file name: {kind}/{name!r}"[:200])
         return self.root / kind / f"{name}.dcm"
 
+    def image_id_of(self, path) -> Optional[str]:
+        """The image id whose frame file (``get_image_uri``) ``path`` is: ``instances/<UID>.dcm``
+        or ``frames/<UID>-f<N>.dcm`` of this cache; ``None`` for any other file."""
+        if not isinstance(path, (str, os.PathLike)):
+            return None
+        folder, name = os.path.split(os.path.realpath(path))
+        stem, ext = os.path.splitext(name)
+        kind = os.path.basename(folder)
+        if ext != ".dcm" or kind not in ("instances", "frames") or not _CACHE_NAME.match(stem):
+            return None
+        if os.path.dirname(folder) != os.path.realpath(self.root):
+            return None
+        return stem
+
     def get(self, kind: str, name: str, make: Callable[[], bytes]) -> Path:
         """The cached file ``kind/name.dcm``, made by ``make()`` if it is not there (one thread
         makes a given file at a time; the others wait and use it)."""

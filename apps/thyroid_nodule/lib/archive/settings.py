@@ -6,6 +6,8 @@
 - ``archive_cache_mb``: its size bound in MiB (default 1024);
 - ``archive_timeout``: seconds to wait for the archive's answer (default 20; connections 3);
 - ``archive_refresh_s``: list the archive again when the last listing is older (default 30).
+- ``archive_result_queue``: single classification results waiting to be written to the archive,
+  at most (default 64; see :mod:`.results`).
 
 Credentials: the environment (see :mod:`.client`), never ``--conf`` or the URL in a log.
 """
@@ -21,6 +23,7 @@ import thyroid_plugin
 
 from .client import redact
 from .datastore import ArchiveDatastore
+from .results import DEFAULT_MAX_WAITING
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ def archive_datastore(url: str, conf: Dict[str, str]) -> ArchiveDatastore:
     store = ArchiveDatastore(url, cache_dir=cache, cache_mb=int(_number(conf, "archive_cache_mb", 1024)),
                              timeout=_number(conf, "archive_timeout", 20.0),
                              refresh_s=_number(conf, "archive_refresh_s", 30.0),
+                             result_queue=int(_number(conf, "archive_result_queue", DEFAULT_MAX_WAITING)),
                              software_version=thyroid_plugin.__version__)
     logger.info("archive: %s (cache %s, at most %d MiB)", store.client.url, cache, store.cache.max_bytes >> 20)
     return store

@@ -58,6 +58,11 @@ class ClassifyNodule(BasicInferTask):
             ``channels_last``, ``compile``, ``threshold``, ``mask_threshold``, ``network_def``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         max_pixels: refuse larger frames (decompression bombs included) with 413.
+
+    Attributes:
+        result_store: the app's datastore. Each finished classification is handed to its
+            ``keep_result(image_path, mask_path, result)`` when it has one (the archive's, which
+            writes the results of archive frames back in the background); others ignore it.
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class ClassifyNodule(BasicInferTask):
         self.max_pixels = int(max_pixels)
         self._predictor: Optional[NodulePredictor] = None
         self._lock = threading.Lock()
+        self.result_store = None
 
     # --------------------------------------------------------------------------------- model
     def is_valid(self) -> bool:
@@ -124,7 +130,20 @@ class ClassifyNodule(BasicInferTask):
 
     def __call__(self, request, callbacks=None):
         with http_errors():
-            return super().__call__(request, callbacks)
+            mask_path, result = super().__call__(request, callbacks)
+        self._hand_over(request.get("image"), mask_path, result)
+        return mask_path, result
+
+    def _hand_over(self, image_path, mask_path: str, result: Dict[str, Any]) -> None:
+        """Give the finished result to the datastore's ``keep_result`` (see ``result_store``);
+        the answer goes out whatever the datastore does with it."""
+        keep_result = getattr(self.result_store, "keep_result", None)
+        if keep_result is None or not isinstance(image_path, str):
+            return
+        try:
+            keep_result(image_path, mask_path, result)
+        except Exception:
+            logger.exception("the datastore could not take the result of %s", os.path.basename(image_path))
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
         image: UltrasoundImage = data["image_source"]
