@@ -38,7 +38,7 @@ from monailabel.interfaces.exception import ImageNotFoundException
 
 from .constants import CLASS_NAMES, DIAGNOSIS_FIELD, label_index
 from .errors import ThyroidPluginError, short_repr
-from .io import atomic_copy_file, atomic_write_bytes, detect_format, is_partial_file, load_image
+from .io import IMAGE_PATTERNS, SUFFIXES, atomic_copy_file, atomic_write_bytes, detect_format, image_id, is_partial_file, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,6 @@ __all__ = ["ConfirmedCasesDatastore", "InvalidRequestError", "StudiesFolderError
 #: starting with a dot: no path separators, no ``..``, no NUL.
 _ID = re.compile(r"^[A-Za-z0-9_(][A-Za-z0-9._()+\- ]{0,127}$")
 _TAG = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-_SUFFIXES = {"png": (".png",), "jpeg": (".jpg", ".jpeg"), "bmp": (".bmp",), "tiff": (".tif", ".tiff"),
-             "dicom": (".dcm",), "nifti": (".nii.gz", ".nii"), "nrrd": (".nrrd",)}
-_EXTENSIONS = ["*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm", "*.nii.gz", "*.nii", "*.nrrd"]
 
 
 class InvalidRequestError(ThyroidPluginError, ValueError):
@@ -183,7 +180,7 @@ def _check_roi(roi: Any, shape: Optional[tuple]) -> list:
 class ConfirmedCasesDatastore(LocalDatastore):
     """MONAI Label's :class:`LocalDatastore` hardened for this app (see the module docstring)."""
 
-    def __init__(self, datastore_path: str, extensions: Sequence[str] = tuple(_EXTENSIONS), auto_reload: bool = False,
+    def __init__(self, datastore_path: str, extensions: Sequence[str] = IMAGE_PATTERNS, auto_reload: bool = False,
                  read_only: bool = False) -> None:
         from filelock import FileLock
 
@@ -491,7 +488,7 @@ def _suffixes_of(path: str) -> tuple:
     if fmt == "nifti":
         with open(path, "rb") as fp:
             return (".nii.gz",) if fp.read(2) == b"\x1f\x8b" else (".nii",)
-    return _SUFFIXES[fmt]
+    return SUFFIXES[fmt]
 
 
 def _safe_id(name: str, taken: set) -> str:
@@ -523,11 +520,7 @@ def import_collection(datalist: Sequence[Mapping[str, Any]], studies: os.PathLik
     for d in datalist:
         src = Path(d["image"])
         detect_format(src)  # refuse non-images before copying
-        name = src.name
-        for suffix in (".nii.gz",):
-            if name.lower().endswith(suffix):
-                name = name[: -len(suffix)]
-        stem = Path(name).stem if not name.lower().endswith(".nii") else name[:-4]
+        stem = image_id(src)
         image_id = _safe_id(stem, set())
         if image_id in taken:
             continue

@@ -70,7 +70,7 @@ from monailabel.endpoints.infer import ResultType
 from monailabel.endpoints.user.auth import RBAC, User
 
 from thyroid_plugin.errors import InvalidModelError, client_text
-from thyroid_plugin.io import json_safe
+from thyroid_plugin.io import IMAGE_SUFFIXES, json_safe
 
 from .http import http_errors, storage_error
 
@@ -90,7 +90,7 @@ _NOT_SERVED = (
 
 #: suffixes an uploaded file may keep (longest first); anything else is dropped, and the content
 #: decides the format
-_UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpeg", ".jpg", ".bmp", ".tiff", ".tif", ".dcm", ".pt")
+_UPLOAD_SUFFIXES = IMAGE_SUFFIXES + (".pt",)
 _UPLOAD_STEM = re.compile(r"^[A-Za-z0-9_(][A-Za-z0-9._()+\- ]{0,127}$")
 
 
