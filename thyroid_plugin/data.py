@@ -23,7 +23,8 @@ import numpy as np
 
 from .constants import CLASS_NAMES, DIAGNOSIS_FIELD, label_index
 from .errors import DatalistError
-from .io import IMAGE_SUFFIXES, atomic_write_bytes, image_id
+from .io import IMAGE_SUFFIXES, atomic_write_bytes
+from .io import image_id as image_id_of
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -93,7 +94,7 @@ def datalist_from_csv(path: os.PathLike | str, require_exists: bool = True) -> l
                 "group": (row.get(group_col) or "").strip() if group_col else "",
                 "centre": (row.get(centre_col) or "").strip() if centre_col else "",
             }
-            item["group"] = item["group"] or image_id(rel)
+            item["group"] = item["group"] or image_id_of(rel)
             mask = (row.get(mask_col) or "").strip() if mask_col else ""
             if mask:
                 item["mask"] = str((base / mask).resolve())
@@ -123,7 +124,7 @@ def datalist_from_folder(root: os.PathLike | str) -> list[dict]:
         for p in sorted(class_dir.rglob("*")):
             if _is_image_file(p):
                 rel = p.relative_to(class_dir)
-                group = rel.parts[0] if len(rel.parts) > 1 else image_id(p)
+                group = rel.parts[0] if len(rel.parts) > 1 else image_id_of(p)
                 items.append({"image": str(p.resolve()), "label": index, "group": group, "centre": ""})
     if not items:
         raise DatalistError(f"{root}: no images in {'/ or '.join(CLASS_NAMES)}/ sub-folders")

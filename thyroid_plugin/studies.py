@@ -38,7 +38,8 @@ from monailabel.interfaces.exception import ImageNotFoundException
 
 from .constants import CLASS_NAMES, DIAGNOSIS_FIELD, label_index
 from .errors import ThyroidPluginError, short_repr
-from .io import IMAGE_PATTERNS, SUFFIXES, atomic_copy_file, atomic_write_bytes, detect_format, image_id, is_partial_file, load_image
+from .io import IMAGE_PATTERNS, SUFFIXES, atomic_copy_file, atomic_write_bytes, detect_format, is_partial_file, load_image
+from .io import image_id as image_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -520,7 +521,7 @@ def import_collection(datalist: Sequence[Mapping[str, Any]], studies: os.PathLik
     for d in datalist:
         src = Path(d["image"])
         detect_format(src)  # refuse non-images before copying
-        stem = image_id(src)
+        stem = image_id_of(src)
         image_id = _safe_id(stem, set())
         if image_id in taken:
             continue
