@@ -27,7 +27,7 @@ __all__ = [
     "mask_suffix",
 ]
 
-#: format -> accepted file-name suffixes (lower case; the first is the one written)
+#: format -> accepted file-name suffixes (lower case; the first is the one masks are written with)
 SUFFIXES: dict[str, tuple[str, ...]] = {
     "png": (".png",),
     "jpeg": (".jpg", ".jpeg"),
@@ -42,8 +42,7 @@ IMAGE_SUFFIXES: tuple[str, ...] = tuple(s for suffixes in SUFFIXES.values() for 
 #: glob patterns of :data:`IMAGE_SUFFIXES` (``*.png``, ...), as MONAI Label's datastore takes them
 IMAGE_PATTERNS: tuple[str, ...] = tuple(f"*{s}" for s in IMAGE_SUFFIXES)
 #: format -> suffix of the mask written for a frame of that format (JPEG frames get a lossless PNG)
-MASK_SUFFIX: dict[str, str] = {"png": ".png", "jpeg": ".png", "bmp": ".bmp", "tiff": ".tif", "dicom": ".dcm",
-                               "nifti": ".nii.gz", "nrrd": ".nrrd"}
+MASK_SUFFIX: dict[str, str] = {fmt: SUFFIXES["png" if fmt == "jpeg" else fmt][0] for fmt in SUFFIXES}
 #: raster formats -> the name PIL reads and writes them by
 PIL_FORMAT: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF"}
 
