@@ -38,7 +38,7 @@ from bench.common import (DEFAULT_MODEL, ddti_images, interleaved_ms, median_ms,
                           print_table, write_json)
 from thyroid_plugin.checkpoint import load_checkpoint, network_from_checkpoint  # noqa: E402
 from thyroid_plugin.config import load_config  # noqa: E402
-from thyroid_plugin.inference import NodulePredictor  # noqa: E402
+from thyroid_plugin.inference import NodulePredictor, run_network  # noqa: E402
 from thyroid_plugin.io import load_image  # noqa: E402
 
 PROB_TOL = 0.01
@@ -98,7 +98,7 @@ def main() -> int:
     kind = f"{precision}, channels-last"
 
     def eager_forward(batch: torch.Tensor):  # the served settings without the compiled networks
-        return predictor._run(loaded.network, loaded.dtype, batch.contiguous(memory_format=torch.channels_last))
+        return run_network(loaded.network, batch.contiguous(memory_format=torch.channels_last), predictor.device, loaded.dtype)
 
     def baseline_forward(batch: torch.Tensor):
         with torch.inference_mode():

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import DEFAULT_MODEL, ddti_images, print_table, write_json  # noqa: E402
 from tests.support.server import MonaiLabelServer, parse_multipart  # noqa: E402
 from thyroid_plugin.config import load_config  # noqa: E402
-from thyroid_plugin.inference import NodulePredictor  # noqa: E402
+from thyroid_plugin.inference import NodulePredictor, preprocess  # noqa: E402
 from thyroid_plugin.io import load_image  # noqa: E402
 from thyroid_plugin.monailabel_adapter import import_collection  # noqa: E402
 
@@ -96,7 +96,7 @@ def main() -> int:
         predictor = NodulePredictor(args.model, device="cpu", precision=cfg["precision"], compile=cfg["compile"],
                                     compile_batch_sizes=cfg["compile_batch_sizes"])
         predictor.wait_compiled()
-        x = predictor._prepare(predictor.loaded, load_image(image), None)[1][None]
+        x = preprocess(load_image(image), None, predictor.loaded.transforms).input[None]
         for _ in range(3):
             predictor.forward(x)
         latencies, server_ms, model_times = [], [], []

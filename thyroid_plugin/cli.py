@@ -207,10 +207,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from .batch_files import predict_files
     from .inference import NodulePredictor
 
     predictor = NodulePredictor(args.model, device=args.device, precision=args.precision)
-    results = predictor.predict_files(args.images, args.out, rois=[args.roi] * len(args.images) if args.roi else None)
+    results = predict_files(predictor, args.images, args.out, rois=[args.roi] * len(args.images) if args.roi else None)
     for r in results:
         print(json.dumps({"image": r["image"], "label": r["label"], "probabilities": r["probabilities"], "mask": r["mask"]}))
     return 0

@@ -19,11 +19,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-import numpy as np
 
 from .constants import CLASS_NAMES, DIAGNOSIS_FIELD, label_index
 from .errors import DatalistError
-from .io import atomic_write_bytes
+from .io import IMAGE_SUFFIXES, atomic_write_bytes
+from .io import image_id as image_id_of
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -39,7 +39,6 @@ __all__ = [
     "write_datalist_csv",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz", ".nrrd")
 _FILE_COLUMNS = ("file", "image", "path", "filename")
 _GROUP_COLUMNS = ("case", "group", "patient", "patient_id", "subject")
 _CENTRE_COLUMNS = ("centre", "center", "device", "site", "scanner")
@@ -94,7 +93,7 @@ def datalist_from_csv(path: os.PathLike | str, require_exists: bool = True) -> l
                 "group": (row.get(group_col) or "").strip() if group_col else "",
                 "centre": (row.get(centre_col) or "").strip() if centre_col else "",
             }
-            item["group"] = item["group"] or Path(rel).stem
+            item["group"] = item["group"] or image_id_of(rel)
             mask = (row.get(mask_col) or "").strip() if mask_col else ""
             if mask:
                 item["mask"] = str((base / mask).resolve())
@@ -124,7 +123,7 @@ def datalist_from_folder(root: os.PathLike | str) -> list[dict]:
         for p in sorted(class_dir.rglob("*")):
             if _is_image_file(p):
                 rel = p.relative_to(class_dir)
-                group = rel.parts[0] if len(rel.parts) > 1 else p.stem
+                group = rel.parts[0] if len(rel.parts) > 1 else image_id_of(p)
                 items.append({"image": str(p.resolve()), "label": index, "group": group, "centre": ""})
     if not items:
         raise DatalistError(f"{root}: no images in {'/ or '.join(CLASS_NAMES)}/ sub-folders")

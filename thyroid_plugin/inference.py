@@ -7,7 +7,6 @@ pixels outside the box are 0. Written to a file it is 8-bit: ``value = round(255
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -15,7 +14,6 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -27,11 +25,18 @@ from .checkpoint import load_checkpoint, model_identity, network_from_checkpoint
 from .compiled import CompiledNetworks, freeze_for_serving
 from .constants import CLASS_NAMES, POSITIVE_CLASS
 from .errors import InvalidModelError
-from .io import UltrasoundImage, atomic_write_bytes, load_image, mask_suffix, write_mask
+from .io import UltrasoundImage, load_image
 from .runtime import amp_dtype, autocast, default_device
 from .transforms import normalize_roi, preprocess_transforms
 
-__all__ = ["LoadedModel", "NodulePredictor", "Prediction", "saliency_on_frame"]
+__all__ = [
+    # serving a model file
+    "LoadedModel", "ModelThread", "NodulePredictor", "check_network_def", "load_model", "model_file_stat",
+    # pure pre- and post-processing
+    "Prediction", "PreparedFrame", "class_probabilities", "label_of", "postprocess", "preprocess", "saliency_on_frame",
+    # running the network
+    "batch_plan", "compile_mode", "run_network", "tune_allocator",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +109,93 @@ class LoadedModel:
     train: dict = field(default_factory=dict)
 
 
+def load_model(
+    path: Union[str, os.PathLike],
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+    channels_last: bool = True,
+    compile_batch_sizes: Sequence[int] = (),
+    network_def: Optional[Mapping[str, Any]] = None,
+    threshold: Optional[float] = None,
+) -> LoadedModel:
+    """Load a model file for serving (nothing is compiled yet: see :class:`CompiledNetworks`).
+
+    Args:
+        path: a file written by :func:`thyroid_plugin.checkpoint.save_checkpoint`.
+        device: where the network runs.
+        dtype: autocast dtype (``None``: fp32).
+        channels_last: keep the weights in NHWC layout.
+        compile_batch_sizes: the batch sizes its :class:`CompiledNetworks` will compile.
+        network_def: when given, the file must have been trained with exactly this network.
+        threshold: an operating point that overrides the file's, for the reported metrics.
+
+    Raises:
+        ModelNotFoundError, InvalidModelError: no file, an unreadable one, or another network.
+    """
+    payload = load_checkpoint(path)
+    check_network_def(payload["network_def"], network_def, os.path.basename(os.fspath(path)))
+    network = network_from_checkpoint(payload).to(device)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    freeze_for_serving(network)
+    size = int(payload["image_size"])
+    return LoadedModel(
+        network=network,
+        compiled=CompiledNetworks(network, device, dtype, size, tuple(compile_batch_sizes), channels_last),
+        dtype=dtype, image_size=size, identity=model_identity(path),
+        threshold=float(payload.get("threshold", 0.5)), network_def=dict(payload["network_def"]),
+        transforms=Compose(preprocess_transforms(size)), metrics=validation_metrics(payload, threshold),
+        created=payload.get("created"), train=dict(payload.get("train", {})),
+    )
+
+
+def check_network_def(got: Mapping[str, Any], expected: Optional[Mapping[str, Any]], name: str) -> None:
+    """Raise :class:`InvalidModelError` unless the network a model file ``name`` was trained with
+    (``got``) is ``expected`` (tuples compare as lists, as JSON stores them); ``None``: any."""
+    if expected is None:
+        return
+    got = dict(got)
+    want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in expected.items()}
+    if got != want:
+        raise InvalidModelError(f"{name} was trained with network {got}, the served configuration is {want}")
+
+
+def model_file_stat(path: str) -> Optional[tuple]:
+    """``(inode, size, mtime)`` of a model file, ``None`` if there is none: a replaced file
+    (training publishes by an atomic rename) has another."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class ModelThread:
+    """The one thread that runs a predictor's model work, one call after the other.
+
+    On a CPU every thread that runs PyTorch operators gets its own OpenMP team, and an idle
+    team's spinning threads compete with the busy one for the cores (with
+    ``OMP_WAIT_POLICY=ACTIVE`` a forward pass from a second thread took twice as long here); one
+    model thread keeps one team.
+    It holds no reference to the predictor (which could then never be freed)."""
+
+    def __init__(self) -> None:
+        idents: list = []
+        self._idents = idents
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nodule-model",
+                                            initializer=lambda: idents.append(threading.get_ident()))
+
+    def run(self, fn: Callable, *args):
+        """``fn(*args)`` on the model thread (directly when called from it); its result or error."""
+        if threading.get_ident() in self._idents:
+            return fn(*args)
+        return self._executor.submit(fn, *args).result()
+
+    def shutdown(self) -> None:
+        """Stop after the work already submitted, without waiting for it."""
+        self._executor.shutdown(wait=False)
+
+
 class NodulePredictor:
     """Loads a model file and classifies frames; follows the file when it is replaced.
 
@@ -132,10 +224,7 @@ class NodulePredictor:
 
     ``predict`` and ``predict_batch`` may be called from several threads: the model's work
     (loading, preprocessing, the forward pass, the mask) runs on one thread that the predictor
-    owns, one request after the other. On a CPU every thread that runs PyTorch operators gets
-    its own OpenMP team, and an idle team's spinning threads compete with the busy one for the
-    cores (with ``OMP_WAIT_POLICY=ACTIVE`` a forward pass from a second thread took twice as
-    long here); one model thread keeps one team. A compilation works on a copy of the network
+    owns (:class:`ModelThread`), one request after the other. A compilation works on a copy of the network
     in its own thread (why that is safe: :mod:`thyroid_plugin.compiled`). A new model file at
     ``model_path`` (written atomically by training) is picked up by :meth:`reload_if_changed`,
     which loads it completely before swapping, so a request never sees a half-loaded model.
@@ -171,64 +260,27 @@ class NodulePredictor:
         self._model: Optional[LoadedModel] = None
         self._stat: Optional[tuple] = None
         tune_allocator()
-        # the worker must not hold a reference to the predictor (or it would never be freed)
-        worker_ident: list = []
-        self._worker_ident = worker_ident
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nodule-model",
-                                          initializer=lambda: worker_ident.append(threading.get_ident()))
-        weakref.finalize(self, self._worker.shutdown, wait=False)
+        self._worker = ModelThread()
+        weakref.finalize(self, self._worker.shutdown)
         self._on_worker(self._load)
 
     def _on_worker(self, fn, *args):
         """Run ``fn(*args)`` on the predictor's model thread and return its result."""
-        if threading.get_ident() in self._worker_ident:
-            return fn(*args)
-        return self._worker.submit(fn, *args).result()
+        return self._worker.run(fn, *args)
 
     def close(self) -> None:
         """Stop the model thread (after the work it has) and any compilation; the predictor
         cannot be used after."""
         if self._model is not None:
             self._model.compiled.cancel()
-        self._worker.shutdown(wait=False)
+        self._worker.shutdown()
 
     # ------------------------------------------------------------------------------- model file
-    def _file_stat(self) -> Optional[tuple]:
-        try:
-            st = os.stat(self.model_path)
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
-
-    def _check_network_def(self, network_def: Mapping[str, Any]) -> None:
-        if self.expected_network_def is None:
-            return
-        got = dict(network_def)
-        want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.expected_network_def.items()}
-        if got != want:
-            raise InvalidModelError(
-                f"{os.path.basename(self.model_path)} was trained with network {got}, the served configuration is {want}"
-            )
-
     def _load(self) -> None:
-        stat = self._file_stat()
-        payload = load_checkpoint(self.model_path)
-        self._check_network_def(payload["network_def"])
-        network = network_from_checkpoint(payload).to(self.device)
-        if self.channels_last:
-            network = network.to(memory_format=torch.channels_last)
-        freeze_for_serving(network)
-        dtype = self._dtype()
-        size = int(payload["image_size"])
-        sizes = () if self.compile == "off" else self.compile_batch_sizes
-        model = LoadedModel(
-            network=network,
-            compiled=CompiledNetworks(network, self.device, dtype, size, sizes, self.channels_last),
-            dtype=dtype, image_size=size, identity=model_identity(self.model_path),
-            threshold=float(payload.get("threshold", 0.5)), network_def=dict(payload["network_def"]),
-            transforms=Compose(preprocess_transforms(size)), metrics=validation_metrics(payload, self.threshold_override),
-            created=payload.get("created"), train=dict(payload.get("train", {})),
-        )
+        stat = model_file_stat(self.model_path)
+        model = load_model(self.model_path, self.device, self._dtype(), channels_last=self.channels_last,
+                           compile_batch_sizes=() if self.compile == "off" else self.compile_batch_sizes,
+                           network_def=self.expected_network_def, threshold=self.threshold_override)
         if self.compile == "on":
             model.compiled.compile_all()
         previous, self._model = self._model, model  # one reference swap: readers see the old or the new model
@@ -239,10 +291,6 @@ class NodulePredictor:
         if self.compile == "background":
             model.compiled.start()
 
-    def _run(self, runner, dtype: Optional[torch.dtype], x: torch.Tensor):
-        with torch.inference_mode(), autocast(self.device, dtype):
-            return runner(x)
-
     def forward(self, x: torch.Tensor, model: Optional[LoadedModel] = None):
         """The served forward pass of a preprocessed batch ``(N, 3, S, S)``: compiled networks
         for the batch sizes that are ready, the eager one for the rest; precision as configured."""
@@ -252,9 +300,9 @@ class NodulePredictor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         pieces = []
-        for start, stop, runner in _batch_plan(x.shape[0], model.compiled):
+        for start, stop, runner in batch_plan(x.shape[0], model.compiled):
             network = model.network if runner is None else runner
-            pieces.append(self._run(network, model.dtype, x if (start, stop) == (0, x.shape[0]) else x[start:stop]))
+            pieces.append(run_network(network, x if (start, stop) == (0, x.shape[0]) else x[start:stop], self.device, model.dtype))
         if len(pieces) == 1:
             return pieces[0]
         return type(pieces[0])(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*pieces)))
@@ -274,11 +322,11 @@ class NodulePredictor:
         """Load the model file again if it was replaced since it was loaded; ``True`` if so.
 
         If the new file cannot be read, the current model stays and the error is raised."""
-        stat = self._file_stat()
+        stat = model_file_stat(self.model_path)
         if stat == self._stat:
             return False
         with self._lock:
-            if self._file_stat() == self._stat:
+            if model_file_stat(self.model_path) == self._stat:
                 return False
             self._on_worker(self._load)
         return True
@@ -313,15 +361,6 @@ class NodulePredictor:
                 "compiled": m.compiled.status, "compiled_batch_sizes": m.compiled.ready_sizes()}
 
     # ------------------------------------------------------------------------------- inference
-    def _prepare(self, model: LoadedModel, image: ImageInput, roi) -> tuple[UltrasoundImage, torch.Tensor, list]:
-        img = image if isinstance(image, UltrasoundImage) else load_image(image)
-        box = normalize_roi(roi, img.shape)  # checked here: MONAI would wrap the error
-        d = model.transforms({"image": img, "roi": box})
-        box = [int(v) for v in d["image_meta_dict"]["roi"]]
-        x = d["image"]
-        x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)  # a plain tensor, not MONAI's MetaTensor
-        return img, x.float(), box
-
     def predict(self, image: ImageInput, roi: Optional[Sequence[float]] = None) -> Prediction:
         """Classify one frame. ``roi`` is ``[x0, y0, x1, y1]`` in pixels (see
         :func:`thyroid_plugin.transforms.normalize_roi`)."""
@@ -339,48 +378,97 @@ class NodulePredictor:
         if len(rois) != len(images):
             raise ValueError(f"{len(rois)} rois for {len(images)} images")
         t0 = time.perf_counter()
-        prepared = [self._prepare(model, im, r) for im, r in zip(images, rois)]
-        x = torch.stack([p[1] for p in prepared]).to(self.device)
+        frames = [preprocess(im, r, model.transforms) for im, r in zip(images, rois)]
+        x = torch.stack([f.input for f in frames]).to(self.device)
         t1 = time.perf_counter()
         out = self._forward(x, model)
-        with torch.inference_mode():
-            probs = torch.softmax(out.logits.float(), dim=1).cpu().numpy()
-            sal = torch.sigmoid(out.saliency_logits.float()) if out.saliency_logits is not None else None
         t2 = time.perf_counter()
         threshold = self.threshold_override if self.threshold_override is not None else model.threshold
-        results = []
-        for n, (img, _, box) in enumerate(prepared):
-            p = {name: float(probs[n, i]) for i, name in enumerate(CLASS_NAMES)}
-            label = CLASS_NAMES[POSITIVE_CLASS] if p[CLASS_NAMES[POSITIVE_CLASS]] >= threshold else CLASS_NAMES[1 - POSITIVE_CLASS]
-            full = box == [0, 0, img.shape[1], img.shape[0]]
-            results.append(Prediction(label, p, saliency_on_frame(sal, n, img.shape, box),
-                                      None if full and rois[n] is None else box, model.identity,
-                                      threshold, self.mask_threshold))
+        results = postprocess(frames, out.logits, out.saliency_logits, model=model.identity, threshold=threshold,
+                              mask_threshold=self.mask_threshold)
         t3 = time.perf_counter()
         per = len(images)
         for r in results:
             r.timings = {"preprocess": (t1 - t0) / per, "network": (t2 - t1) / per, "postprocess": (t3 - t2) / per}
         return results
 
-    def predict_files(self, files: Sequence[Union[str, os.PathLike]], output_dir: Union[str, os.PathLike],
-                      rois: Optional[Sequence] = None) -> list[dict]:
-        """Classify files and write, per input ``X.ext``, ``X.json`` (the result fields plus
-        ``image`` and ``mask``) and the saliency mask ``X_saliency<suffix>`` in the input's
-        format and geometry. Returns the JSON dicts."""
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        rois = list(rois) if rois is not None else [None] * len(files)
-        results = []
-        for f, roi in zip(files, rois):
-            image = load_image(f)
-            pred = self.predict(image, roi)
-            stem = _stem(Path(f).name)
-            mask_path = out / f"{stem}_saliency{mask_suffix(image)}"
-            write_mask(image, pred.saliency_uint8(), mask_path)
-            record = {"image": os.fspath(f), **pred.to_json(), "mask": str(mask_path)}
-            atomic_write_bytes(out / f"{stem}.json", json.dumps(record, indent=2).encode())
-            results.append(record)
-        return results
+
+# ------------------------------------------------------------------------ pre- and post-processing
+@dataclass(frozen=True)
+class PreparedFrame:
+    """One frame made ready for the network (:func:`preprocess`).
+
+    Attributes:
+        image: the frame as read, with its geometry.
+        input: ``(3, S, S)`` float32 network input (the ``box`` crop, resized and scaled).
+        box: ``[x0, y0, x1, y1]`` pixels of the frame the network sees (the whole frame without a roi).
+        roi: the box as reported in the result: ``None`` when no roi was given and the whole frame
+            is used, else ``box``.
+    """
+
+    image: UltrasoundImage
+    input: torch.Tensor = field(repr=False)
+    box: list
+    roi: Optional[list]
+
+
+def preprocess(image: ImageInput, roi: Optional[Sequence[float]], transforms: Compose) -> PreparedFrame:
+    """A frame (a file or an :class:`UltrasoundImage`) and an optional nodule box ``[x0, y0, x1,
+    y1]`` (see :func:`thyroid_plugin.transforms.normalize_roi`) -> the network input made by
+    ``transforms`` (:func:`thyroid_plugin.transforms.preprocess_transforms`).
+
+    Raises:
+        InvalidImageError: the file cannot be read; InvalidROIError: the box is not in the frame.
+    """
+    img = image if isinstance(image, UltrasoundImage) else load_image(image)
+    box = normalize_roi(roi, img.shape)  # checked here: MONAI would wrap the error
+    d = transforms({"image": img, "roi": box})
+    box = [int(v) for v in d["image_meta_dict"]["roi"]]
+    x = d["image"]
+    x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)  # a plain tensor, not MONAI's MetaTensor
+    full = box == [0, 0, img.shape[1], img.shape[0]]
+    return PreparedFrame(img, x.float(), box, None if full and roi is None else box)
+
+
+def class_probabilities(logits: torch.Tensor) -> np.ndarray:
+    """``(N, C)`` logits -> ``(N, C)`` float32 softmax probabilities (computed in fp32)."""
+    with torch.inference_mode():
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+def label_of(probabilities: Mapping[str, float], threshold: float) -> str:
+    """The class name: malignant when its probability is at or above ``threshold``, else benign."""
+    positive = CLASS_NAMES[POSITIVE_CLASS]
+    return positive if probabilities[positive] >= threshold else CLASS_NAMES[1 - POSITIVE_CLASS]
+
+
+def postprocess(frames: Sequence[PreparedFrame], logits: torch.Tensor, saliency_logits: Optional[torch.Tensor], *,
+                model: str, threshold: float, mask_threshold: float) -> list[Prediction]:
+    """The network's output for a batch of ``frames`` -> one :class:`Prediction` each.
+
+    Args:
+        frames: what :func:`preprocess` made of each frame, in batch order.
+        logits: ``(N, C)`` class logits.
+        saliency_logits: ``(N, 1, S, S)`` saliency logits, or ``None`` (a network without saliency).
+        model: the model's identity, reported with each result.
+        threshold: malignant probability at or above which the label is malignant.
+        mask_threshold: saliency probability reported as the binary mask's threshold.
+    """
+    probs = class_probabilities(logits)
+    with torch.inference_mode():
+        sal = torch.sigmoid(saliency_logits.float()) if saliency_logits is not None else None
+    results = []
+    for n, frame in enumerate(frames):
+        p = {name: float(probs[n, i]) for i, name in enumerate(CLASS_NAMES)}
+        results.append(Prediction(label_of(p, threshold), p, saliency_on_frame(sal, n, frame.image.shape, frame.box),
+                                  frame.roi, model, threshold, mask_threshold))
+    return results
+
+
+def run_network(network: Callable, x: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype]):
+    """``network(x)`` without autograd, under autocast to ``dtype`` on ``device`` (``None``: fp32)."""
+    with torch.inference_mode(), autocast(device, dtype):
+        return network(x)
 
 
 _ALLOCATOR_TUNED = False
@@ -432,7 +520,7 @@ def saliency_on_frame(saliency: Optional[torch.Tensor], index: int, shape: tuple
     return out
 
 
-def _batch_plan(n: int, compiled: CompiledNetworks) -> list[tuple[int, int, Optional[Callable]]]:
+def batch_plan(n: int, compiled: CompiledNetworks) -> list[tuple[int, int, Optional[Callable]]]:
     """How a batch of ``n`` runs: ``(start, stop, compiled network or None for eager)`` chunks.
 
     Whole when a compiled network of size ``n`` is ready (or none is); else chunks of the ready
@@ -450,9 +538,3 @@ def _batch_plan(n: int, compiled: CompiledNetworks) -> list[tuple[int, int, Opti
         plan.append((start, n, None))
     return plan
 
-
-def _stem(name: str) -> str:
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".dcm", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem

@@ -32,7 +32,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 
 from .constants import CLASS_NAMES, DIAGNOSIS_FIELD, label_index
 from .errors import ThyroidPluginError, short_repr
-from .io import detect_format, is_partial_file
+from .io import IMAGE_PATTERNS, SUFFIXES, detect_format, is_partial_file
+from .io import image_id as image_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,6 @@ __all__ = ["IMAGE_PATTERNS", "InvalidRequestError", "StudiesFolderError", "check
 #: starting with a dot: no path separators, no ``..``, no NUL.
 _ID = re.compile(r"^[A-Za-z0-9_(][A-Za-z0-9._()+\- ]{0,127}$")
 _TAG = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-_SUFFIXES = {"png": (".png",), "jpeg": (".jpg", ".jpeg"), "bmp": (".bmp",), "tiff": (".tif", ".tiff"),
-             "dicom": (".dcm",), "nifti": (".nii.gz", ".nii"), "nrrd": (".nrrd",)}
-IMAGE_PATTERNS = ["*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm", "*.nii.gz", "*.nii", "*.nrrd"]
 
 
 class InvalidRequestError(ThyroidPluginError, ValueError):
@@ -204,7 +202,7 @@ def stored_suffix(path: os.PathLike | str) -> str:
     if fmt == "nifti":
         with open(path, "rb") as fp:
             return ".nii.gz" if fp.read(2) == b"\x1f\x8b" else ".nii"
-    return _SUFFIXES[fmt][0]
+    return SUFFIXES[fmt][0]
 
 
 def import_entry(item: Mapping[str, Any], with_diagnosis: bool = True) -> tuple[str, Dict[str, Any]]:
@@ -216,10 +214,7 @@ def import_entry(item: Mapping[str, Any], with_diagnosis: bool = True) -> tuple[
     ``roi`` when given, and ``diagnosis`` from ``label`` 0/1 unless ``with_diagnosis`` is false.
     """
     src = Path(item["image"])
-    name = src.name
-    if name.lower().endswith(".nii.gz"):
-        name = name[: -len(".nii.gz")]
-    stem = Path(name).stem if not name.lower().endswith(".nii") else name[:-4]
+    stem = image_id_of(src)
     image_id = re.sub(r"[^A-Za-z0-9._()+\- ]", "_", stem).strip(" .") or "image"
     if not _ID.match(image_id[:1]):
         image_id = f"img_{image_id}"

@@ -13,6 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from thyroid_plugin.checkpoint import load_checkpoint, model_identity
-from thyroid_plugin.io import load_image
+from thyroid_plugin.batch_files import predict_files
+from thyroid_plugin.inference import NodulePredictor
+from thyroid_plugin.io import image_id, load_image
 from thyroid_plugin.metrics import METRIC_NAMES, OPERATING_POINT_METRICS
 from tests.support.paths import DDTI, PYTHON, REPO, ddti_subset, write_csv
 
@@ -203,6 +206,48 @@ def test_predict_command(runs):
     assert data.dtype == np.uint8 and data.max() > 0
     mask_image, frame_image = load_image(vol["mask"]), load_image(work / "frame.nrrd")
     np.testing.assert_allclose(mask_image.affine, frame_image.affine)
+
+
+def test_predict_files_writes_json_and_mask_in_the_input_format(small_model, tmp_path):
+    """One JSON and one mask per input, named by the input's image id (``.nii.gz`` whole)."""
+    frames = [r["file"] for r in ddti_subset(2, 0, offset=10)]
+    gray = np.asarray(Image.open(frames[1]).convert("L"))
+    nifti = tmp_path / "in" / "case.2.nii.gz"
+    nifti.parent.mkdir()
+    nib.save(nib.Nifti1Image(gray.T, np.diag([-0.1, -0.1, 1.0, 1.0])), nifti)
+    predictor = NodulePredictor(small_model, device="cpu")
+    files, rois = [frames[0], str(nifti)], [None, [10, 10, 200, 200]]
+    results = predict_files(predictor, files, tmp_path / "out", rois=rois)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [f"{Path(frames[0]).stem}.json", f"{Path(frames[0]).stem}_saliency.png", "case.2.json", "case.2_saliency.nii.gz"])
+    for src, roi, r in zip(files, rois, results):
+        record = json.loads((tmp_path / "out" / f"{image_id(src)}.json").read_text())
+        assert record == r
+        assert record["image"] == src and record["label"] in ("benign", "malignant")
+        assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        want = predictor.predict(src, roi).probabilities["malignant"]
+        assert record["probabilities"]["malignant"] == pytest.approx(want, abs=1e-6)
+    with Image.open(results[0]["mask"]) as m, Image.open(frames[0]) as f:
+        assert m.format == "PNG" and m.size == f.size and m.mode == "L"
+    mask = load_image(results[1]["mask"])
+    assert mask.format == "nifti" and mask.shape == gray.shape
+    np.testing.assert_allclose(mask.affine, load_image(nifti).affine)
+    assert mask.array[200:, :].max() == 0 and mask.array[:, 200:].max() == 0  # zero outside the box
+    assert results[1]["roi"] == [10, 10, 200, 200] and results[0]["roi"] is None
+
+
+def test_bundle_inference_config_runs_predict_files(small_model, tmp_path):
+    """``configs/inference.json``'s ``run`` (what ``python -m monai.bundle run`` evaluates) writes
+    the same files as ``thyroid-nodule predict``."""
+    from thyroid_plugin.config import load_config
+
+    frame = ddti_subset(1, 0, offset=3)[0]["file"]
+    parser = load_config("inference", {"model_path": str(small_model), "device": "$torch.device('cpu')",
+                                       "inference#compile": "off", "input_files": [frame], "output_dir": str(tmp_path)})
+    parser["predictor"]["network_def"] = None  # the small test model is not the served network
+    [record] = parser.get_parsed_content("run")
+    assert record == json.loads((tmp_path / f"{image_id(frame)}.json").read_text())
+    assert record["mask"] == str(tmp_path / f"{image_id(frame)}_saliency.png") and Path(record["mask"]).is_file()
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -8,12 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from monai.transforms import Compose
 from PIL import Image
 
 from thyroid_plugin.checkpoint import load_checkpoint, model_identity
 from thyroid_plugin.errors import InvalidModelError, InvalidROIError, ModelNotFoundError
-from thyroid_plugin.inference import NodulePredictor
-from thyroid_plugin.io import load_image
+from thyroid_plugin.inference import NodulePredictor, batch_plan, label_of, postprocess, preprocess
+from thyroid_plugin.io import UltrasoundImage, load_image
+from thyroid_plugin.transforms import preprocess_transforms
 from tests.support.paths import ddti_subset
 
 
@@ -162,18 +165,52 @@ def test_info_describes_the_model(predictor, small_model):
     assert info["precision"] == "fp32" and info["device"] == "cpu"
 
 
-def test_predict_files_writes_json_and_mask_in_the_input_format(predictor, frames, tmp_path):
-    results = predictor.predict_files(frames[:2], tmp_path / "out", rois=[None, [10, 10, 200, 200]])
-    for src, r in zip(frames[:2], results):
-        stem = os.path.splitext(os.path.basename(src))[0]
-        record = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
-        assert record == r
-        assert record["image"] == src and record["label"] in ("benign", "malignant")
-        assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-        with Image.open(record["mask"]) as m:
-            assert m.format == "PNG" and m.size == Image.open(src).size and m.mode == "L"
-    second = np.array(Image.open(results[1]["mask"]))
-    assert second[200:, :].max() == 0 and second[:, 200:].max() == 0  # zero outside the box
+# ------------------------------------------------------------------ pre- and post-processing
+def _frame(h: int = 40, w: int = 60) -> UltrasoundImage:
+    return UltrasoundImage(array=(np.arange(h * w).reshape(h, w) % 256).astype(np.uint8))
+
+
+def test_preprocess_makes_the_network_input_of_the_box():
+    transforms = Compose(preprocess_transforms(16))
+    whole = preprocess(_frame(), None, transforms)
+    assert whole.input.shape == (3, 16, 16) and whole.input.dtype == torch.float32
+    assert 0.0 <= float(whole.input.min()) and float(whole.input.max()) <= 1.0
+    assert whole.box == [0, 0, 60, 40] and whole.roi is None  # no roi asked: none reported
+    asked_whole = preprocess(_frame(), [0, 0, 60, 40], transforms)
+    assert asked_whole.roi == [0, 0, 60, 40]  # a roi asked is reported, even the whole frame
+    torch.testing.assert_close(asked_whole.input, whole.input)
+    boxed = preprocess(_frame(), [50.5, 10, 90, 30], transforms)
+    assert boxed.box == boxed.roi == [50, 10, 60, 30]  # rounded outward, clipped to the frame
+    white = UltrasoundImage(array=np.full((16, 16), 255, np.uint8))  # the network's size: no resampling
+    assert torch.all(preprocess(white, None, transforms).input == 1.0)  # 8-bit: divided by 255
+    with pytest.raises(InvalidROIError):
+        preprocess(_frame(), [70, 0, 90, 10], transforms)
+
+
+def test_label_of_uses_the_threshold_inclusively():
+    assert label_of({"benign": 0.4, "malignant": 0.6}, 0.6) == "malignant"
+    assert label_of({"benign": 0.41, "malignant": 0.59}, 0.6) == "benign"
+    assert label_of({"benign": 0.9, "malignant": 0.1}, 0.05) == "malignant"
+
+
+def test_postprocess_turns_network_outputs_into_predictions_on_each_frame():
+    transforms = Compose(preprocess_transforms(8))
+    frames = [preprocess(_frame(), None, transforms), preprocess(_frame(30, 20), [5, 10, 15, 25], transforms)]
+    logits = torch.tensor([[0.0, float(np.log(3.0))], [float(np.log(4.0)), 0.0]])
+    saliency_logits = torch.full((2, 1, 8, 8), 20.0)  # sigmoid ~ 1 everywhere the network sees
+    got = postprocess(frames, logits, saliency_logits, model="sha256:x", threshold=0.5, mask_threshold=0.3)
+    assert [p.label for p in got] == ["malignant", "benign"]
+    assert got[0].probabilities == pytest.approx({"benign": 0.25, "malignant": 0.75})
+    assert got[1].probabilities == pytest.approx({"benign": 0.8, "malignant": 0.2})
+    assert got[0].saliency.shape == (40, 60) and np.allclose(got[0].saliency, 1.0)
+    inside = np.zeros((30, 20), bool)
+    inside[10:25, 5:15] = True
+    assert got[1].saliency.shape == (30, 20)
+    assert np.allclose(got[1].saliency[inside], 1.0) and np.all(got[1].saliency[~inside] == 0.0)
+    assert [p.roi for p in got] == [None, [5, 10, 15, 25]]
+    assert all(p.model == "sha256:x" and p.threshold == 0.5 and p.mask_threshold == 0.3 for p in got)
+    without = postprocess(frames[:1], logits[:1], None, model="m", threshold=0.8, mask_threshold=0.5)[0]
+    assert without.label == "benign" and not without.saliency.any()  # a network without saliency
 
 
 # --------------------------------------------------------------------------- compiled serving
@@ -231,7 +268,6 @@ def test_compiled_network_has_frozen_weights_and_shares_no_tensor_with_the_serve
 
 
 def test_batch_plan_uses_ready_compiled_sizes_largest_first():
-    from thyroid_plugin.inference import _batch_plan
 
     class Ready:
         def __init__(self, sizes):
@@ -243,12 +279,12 @@ def test_batch_plan_uses_ready_compiled_sizes_largest_first():
         def runner(self, n):
             return f"c{n}" if n in self.sizes else None
 
-    assert _batch_plan(5, Ready([])) == [(0, 5, None)]
-    assert _batch_plan(8, Ready([1, 8])) == [(0, 8, "c8")]
-    assert _batch_plan(11, Ready([1, 8])) == [(0, 8, "c8"), (8, 9, "c1"), (9, 10, "c1"), (10, 11, "c1")]
-    assert _batch_plan(40, Ready([1, 8, 32])) == [(0, 32, "c32"), (32, 40, "c8")]
-    assert _batch_plan(5, Ready([8])) == [(0, 5, None)]  # nothing ready fits: eager, whole
-    assert _batch_plan(13, Ready([8, 32])) == [(0, 8, "c8"), (8, 13, None)]
+    assert batch_plan(5, Ready([])) == [(0, 5, None)]
+    assert batch_plan(8, Ready([1, 8])) == [(0, 8, "c8")]
+    assert batch_plan(11, Ready([1, 8])) == [(0, 8, "c8"), (8, 9, "c1"), (9, 10, "c1"), (10, 11, "c1")]
+    assert batch_plan(40, Ready([1, 8, 32])) == [(0, 32, "c32"), (32, 40, "c8")]
+    assert batch_plan(5, Ready([8])) == [(0, 5, None)]  # nothing ready fits: eager, whole
+    assert batch_plan(13, Ready([8, 32])) == [(0, 8, "c8"), (8, 13, None)]
 
 
 def test_background_compilation_serves_eagerly_until_ready_and_survives_failure(small_model, frames, monkeypatch):

@@ -21,7 +21,9 @@ from pydicom.pixel_data_handlers.util import convert_color_space
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from thyroid_plugin.errors import ImageTooLargeError, InvalidImageError
-from thyroid_plugin.io import detect_format, load_image, mask_suffix, write_mask
+from thyroid_plugin.io import IMAGE_PATTERNS, IMAGE_SUFFIXES, MASK_SUFFIX, SUFFIXES, detect_format, image_id, image_suffix
+from thyroid_plugin.io import load_image, mask_suffix, write_mask
+from thyroid_plugin.io.formats import PIL_FORMAT
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 H, W = 20, 30  # deliberately not square, so a transposed axis shows
@@ -516,3 +518,52 @@ def test_error_messages_are_one_line(tmp_path):
         with pytest.raises(InvalidImageError) as info:
             load_image(tmp_path / name)
         assert str(info.value) and "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------ the one table of suffixes
+def _write_frame(path: Path, fmt: str, frame: np.ndarray) -> None:
+    """``frame`` saved in ``fmt`` by the format's own library, under ``path`` whatever its suffix."""
+    if fmt in PIL_FORMAT:
+        Image.fromarray(frame, mode="L").save(path, format=PIL_FORMAT[fmt])
+    elif fmt == "dicom":
+        _dicom(path, frame)
+    elif fmt == "nifti":  # nibabel compresses by the name: .nii.gz is gzip, .nii is not
+        nib.save(nib.Nifti1Image(frame.T, np.eye(4)), path)
+    else:
+        nrrd.write(str(path), frame.T, {"space": "left-posterior-superior"})
+
+
+@pytest.mark.parametrize("suffix", IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES))
+def test_every_accepted_suffix_round_trips(tmp_path, suffix):
+    fmt = next(f for f, suffixes in SUFFIXES.items() if suffix.lower() in suffixes)
+    src = tmp_path / f"case 7.b{suffix}"
+    frame = _gray8(20)
+    _write_frame(src, fmt, frame)
+    assert image_suffix(src) == suffix.lower()
+    assert image_id(src) == image_id(str(src)) == "case 7.b"
+    image = load_image(src)
+    assert image.format == detect_format(src) == fmt
+    error = np.abs(image.array.astype(int) - frame)
+    assert (error.mean() < 8) if fmt == "jpeg" else not error.any()  # JPEG is lossy
+    mask = _some_mask()
+    out = tmp_path / f"{image_id(src)}_saliency{mask_suffix(image)}"
+    write_mask(image, mask, out)
+    assert mask_suffix(image) == MASK_SUFFIX[fmt] and image_suffix(out) == MASK_SUFFIX[fmt]
+    assert image_id(out) == "case 7.b_saliency"
+    written = load_image(out)
+    assert written.format == ("png" if fmt == "jpeg" else fmt)  # a JPEG frame's mask is lossless
+    np.testing.assert_array_equal(written.array, mask)
+    np.testing.assert_allclose(written.affine, image.affine)
+
+
+def test_image_ids_and_suffixes_of_names():
+    assert image_id("x.nii.gz") == "x" and image_id("/data/x.NII.GZ") == "x" and image_id("x.nii") == "x"
+    assert image_id("a.b.tiff") == "a.b" and image_id("ddti_12_1.png") == "ddti_12_1"
+    assert image_id("notes.txt") == "notes" and image_id("archive.tar.gz") == "archive.tar"  # not an image suffix
+    assert image_id(".nii.gz") == ".nii" and image_suffix(".nii.gz") == ""  # a suffix alone is no image id
+    assert image_suffix("x.gz") == "" and image_suffix("x.JPEG") == ".jpeg"
+    assert IMAGE_PATTERNS == tuple(f"*{s}" for s in IMAGE_SUFFIXES)
+    assert len(set(IMAGE_SUFFIXES)) == len(IMAGE_SUFFIXES) == sum(len(v) for v in SUFFIXES.values())
+    assert MASK_SUFFIX == {"png": ".png", "jpeg": ".png", "bmp": ".bmp", "tiff": ".tif", "dicom": ".dcm",
+                           "nifti": ".nii.gz", "nrrd": ".nrrd"}  # JPEG frames get a lossless mask
+    assert all(image_suffix(f"m{s}") == s for s in MASK_SUFFIX.values())  # every mask is an accepted image

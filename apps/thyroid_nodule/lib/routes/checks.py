@@ -22,10 +22,11 @@ from fastapi import HTTPException
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from thyroid_plugin.errors import client_text
+from thyroid_plugin.io import IMAGE_SUFFIXES
 
 #: suffixes an uploaded file may keep (longest first); anything else is dropped, and the content
 #: decides the format
-_UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpeg", ".jpg", ".bmp", ".tiff", ".tif", ".dcm", ".pt")
+_UPLOAD_SUFFIXES = tuple(sorted(IMAGE_SUFFIXES + (".pt",), key=len, reverse=True))
 _UPLOAD_STEM = re.compile(r"^[A-Za-z0-9_(][A-Za-z0-9._()+\- ]{0,127}$")
 
 
