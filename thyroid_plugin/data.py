@@ -257,7 +257,12 @@ def grouped_kfold(datalist: Sequence[Mapping], n_folds: int = 5, seed: int = 0) 
     if len(names) < n_folds:
         raise DatalistError(f"{len(names)} groups cannot make {n_folds} folds")
     labels = [label_of[g] for g in names]
-    folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(names, labels, names)
+    if max(labels.count(0), labels.count(1)) >= n_folds:
+        folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(names, labels, names)
+    else:  # too few cases of either class to stratify (a small confirmed set): shuffled groups
+        from sklearn.model_selection import KFold
+
+        folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(names)
     result = []
     for _, test_groups in folds:
         tested = {names[i] for i in test_groups}

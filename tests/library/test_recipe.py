@@ -245,3 +245,14 @@ def test_medium_protocol_pretrains_fine_tunes_and_reports_margins_and_calibratio
     messages.clear()
     run_protocol(out, "medium", ["ddti"], ["single_branch"], root, overrides, progress=messages.append)
     assert not messages and runs[0].stat().st_mtime_ns == stamp
+
+
+def test_a_validation_split_of_a_few_cases_works():
+    """Too few cases of each class to stratify (a small confirmed set, a tiny subset) still
+    splits by case instead of failing."""
+    from thyroid_plugin.data import grouped_split
+
+    items = [{"image": f"{g}_{k}.png", "label": int(g % 2 == 0), "group": str(g)} for g in range(8) for k in range(2)]
+    train, val = grouped_split(items, 0.15, seed=0)
+    assert val and train and len(train) + len(val) == 16
+    assert not {d["group"] for d in train} & {d["group"] for d in val}
