@@ -4,6 +4,7 @@ and a run resumes from its checkpoint."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -88,8 +89,10 @@ def test_stored_and_served_metrics_are_at_the_served_threshold(run):
         sklearn_metrics(payload["validation"]["prob_malignant"], labels, 0.3), abs=1e-9, nan_ok=True)
 
 
-def test_resume_continues_from_the_checkpoint(run):
-    out, items, _ = run
+def test_resume_continues_from_the_checkpoint(run, tmp_path):
+    source, items, _ = run
+    out = tmp_path / "run"
+    shutil.copytree(source, out)  # the shared run stays as the other tests expect it
     before = json.loads((out / "train_stats.json").read_text())
     stats = _train(out, items, epochs=5, resume=True)
     history = stats["history"]
