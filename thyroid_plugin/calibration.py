@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -101,12 +101,7 @@ def fold_temperature(network: nn.Module, temperature: float) -> nn.Module:
     """Divide the network's class logits by ``temperature`` in place, by scaling its last linear
     layer (``head[-1]`` of the saliency-guided classifier, ``fc``/``class_layers.out`` of the
     baselines: the last ``nn.Linear`` in module order). Returns the network."""
-    last: Optional[nn.Linear] = None
-    for m in network.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    if last is None:
-        raise ValueError("the network has no linear output layer to scale")
+    last = network.get_submodule(last_linear_name(network))
     with torch.no_grad():
         last.weight.div_(float(temperature))
         if last.bias is not None:

@@ -47,15 +47,17 @@ def lesion_box(mask: np.ndarray) -> Optional[Box]:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def margin_box(box: Box, margin: float, shape: tuple[int, int], shift: tuple[float, float] = (0.0, 0.0)) -> Box:
-    """``box`` grown by ``margin`` (fraction of the lesion's width / height on each side), moved by
-    ``shift`` (fractions of the lesion's width / height), clipped to the frame ``(H, W)``; at
-    least ``MIN_ROI_SIDE`` pixels a side where the frame allows."""
+def margin_box(box: Box, margin, shape: tuple[int, int], shift: tuple[float, float] = (0.0, 0.0)) -> Box:
+    """``box`` grown by ``margin`` (fraction of the lesion's width / height; one number for every
+    side, or ``(left, top, right, bottom)``), moved by ``shift`` (fractions of the lesion's width /
+    height), clipped to the frame ``(H, W)``; at least ``MIN_ROI_SIDE`` pixels a side where the
+    frame allows."""
     x0, y0, x1, y1 = box
-    h, w = shape
+    left, top, right, bottom = (margin,) * 4 if np.isscalar(margin) else margin
     bw, bh = x1 - x0, y1 - y0
     dx, dy = shift[0] * bw, shift[1] * bh
-    return _clip(x0 - margin * bw + dx, y0 - margin * bh + dy, x1 + margin * bw + dx, y1 + margin * bh + dy, h, w)
+    h, w = shape
+    return _clip(x0 - left * bw + dx, y0 - top * bh + dy, x1 + right * bw + dx, y1 + bottom * bh + dy, h, w)
 
 
 def _clip(x0: float, y0: float, x1: float, y1: float, h: int, w: int) -> Box:
@@ -161,12 +163,7 @@ class RandLesionCropd(Randomizable, MapTransform):
         box = self.cache.box(item)
         if box is None or self._whole:
             return None
-        x0, y0, x1, y1 = box
-        bw, bh = x1 - x0, y1 - y0
-        left, top, right, bottom = self._margins
-        dx, dy = self._shift[0] * bw, self._shift[1] * bh
-        h, w = self.cache.frame(item).shape[:2]
-        return _clip(x0 - left * bw + dx, y0 - top * bh + dy, x1 + right * bw + dx, y1 + bottom * bh + dy, h, w)
+        return margin_box(box, tuple(self._margins), self.cache.frame(item).shape[:2], tuple(self._shift))
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
