@@ -10,8 +10,8 @@ Measured in one run:
   served precision is bf16, else against the fp32 floor;
 - the plain eager fp32 NCHW forward of the same weights (the baseline);
 - the served forward (``NodulePredictor.forward`` with the settings of ``configs/inference.json``
-  unless overridden) at batch 1, 8 and 32 once its compilations are ready (a batch of 32 runs as
-  compiled batches of the compiled sizes), the eager path of the same precision that answers
+  unless overridden) at batch 1, 8 and 32 once its compilations are ready (a batch runs in chunks of
+  the compiled size whose image cost least at its warm-up; the table says which), the eager path of the same precision that answers
   while it compiles, and a whole ``predict`` call (decode excluded);
 - the compilation time (inductor's disk cache makes a second start faster: run it twice);
 - the matmuls, the baseline and the batch-1 paths are timed in alternation (one call of each per
@@ -38,7 +38,7 @@ from bench.common import (DEFAULT_MODEL, ddti_images, interleaved_ms, median_ms,
                           print_table, write_json)
 from thyroid_plugin.checkpoint import load_checkpoint, network_from_checkpoint  # noqa: E402
 from thyroid_plugin.config import load_config  # noqa: E402
-from thyroid_plugin.inference import NodulePredictor, run_network  # noqa: E402
+from thyroid_plugin.inference import NodulePredictor, batch_plan, run_network  # noqa: E402
 from thyroid_plugin.io import load_image  # noqa: E402
 
 PROB_TOL = 0.01
@@ -57,6 +57,14 @@ def matmul_calls(bf16: bool) -> dict:
 
 
 MATMUL_FLOPS = 2 * 2048**3
+
+
+def plan_words(plan) -> str:
+    """``compiled 8x1`` / ``compiled 4x8`` / ``eager``: how the served forward splits a batch."""
+    sizes = [stop - start for start, stop, runner in plan if runner is not None]
+    eager = sum(stop - start for start, stop, runner in plan if runner is None)
+    words = [f"compiled {sizes.count(s)}x{s}" for s in sorted(set(sizes), reverse=True)]
+    return ", ".join(words + ([f"eager {eager}"] if eager else []))
 
 
 def agreement_with_fp32(predictor: NodulePredictor, model: str, frames: list) -> dict:
@@ -129,8 +137,7 @@ def main() -> int:
     ready = predictor.info()["compiled_batch_sizes"]
     served = {1: ms["served1"], 8: msb["served8"] / 8, 32: msb["served32"] / 32}
     for n, per in served.items():
-        how = "compiled" if n in ready else (f"compiled chunks of {max(s for s in ready if s <= n)}"
-                                              if any(s <= n for s in ready) else "eager")
+        how = plan_words(batch_plan(n, loaded.compiled))
         rows.append({"path": f"served forward ({kind}, {how})", "batch": n, "ms_per_image": per})
     frames = [load_image(p) for p in ddti_images(args.images)]
     whole = median_ms(lambda: predictor.predict(frames[0]), repeat=args.repeat)
@@ -144,7 +151,8 @@ def main() -> int:
     print_table(rows, ["path", "batch", "ms_per_image", "x_yardstick", "speedup_vs_baseline"])
     print(f"(x_yardstick: times the {yard_name}, {yard:.1f} ms)")
     print(f"\nmodel load + compilation ({predictor.compile}, batch sizes {list(predictor.compile_batch_sizes)}): "
-          f"{compile_s:.1f} s, status {status}")
+          f"{compile_s:.1f} s, status {status}; per image at warm-up (ms): {predictor.info()['compiled_ms_per_image']}, "
+          f"x eager batch 1: {predictor.info()['compiled_cost_vs_eager']} (these choose the split)")
     print(f"agreement with fp32 on {len(frames)} DDTI frames: max |dP| {agreement['max_prob_diff']:.4f} (<= {PROB_TOL}), "
           f"max saliency MAD {agreement['max_saliency_mad']:.4f} (<= {SALIENCY_TOL}) -> "
           f"{'OK' if agreement['within_tolerance'] else 'OUT OF TOLERANCE'}")
@@ -161,7 +169,9 @@ def main() -> int:
                              "floor_ms": {"fp32": floor32, "bf16": floor16}, "baseline_ms": baseline, "served_ms": served,
                              "eager_ms": {1: ms["eager1"], 8: msb["eager8"] / 8, 32: msb["eager32"] / 32},
                              "predict_ms": whole, "load_and_compile_s": compile_s, "compile_status": status,
-                             "compiled_batch_sizes": ready, "precision": precision, "compile": predictor.compile,
+                             "compiled_batch_sizes": ready, "compiled_cost_vs_eager": predictor.info()["compiled_cost_vs_eager"],
+                             "plans": {n: plan_words(batch_plan(n, loaded.compiled)) for n in (1, 8, 32)},
+                             "precision": precision, "compile": predictor.compile,
                              "agreement": agreement, "targets": targets, "rows": rows})
     return 0
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -60,7 +61,9 @@ class CompiledNetworks:
         channels_last: inputs are NHWC-contiguous, as requests make theirs.
 
     :meth:`runner` returns the compiled network for a batch size once it is ready (``None``
-    before, and for sizes it does not cover); :attr:`status` is ``"compiling"``, ``"ready"``
+    before, and for sizes it does not cover); :meth:`costs` says what an image costs in each
+    ready size, measured after its warm-up against the eager batch-1 forward of the same weights
+    in the same rounds (a ratio, so the machine's drift cancels); :attr:`status` is ``"compiling"``, ``"ready"``
     (all sizes), ``"off"`` or ``"failed: <reason>"`` (the sizes compiled before the failure stay
     in use). A compiled network must be called from one thread at a time (the predictor's model
     thread); it needs ``torch.inference_mode`` and the same autocast as its warm-up.
@@ -77,6 +80,8 @@ class CompiledNetworks:
         self._runners: dict[int, Callable] = {}
         self.status = "compiling" if self.batch_sizes else "off"
         self.seconds: dict[int, float] = {}
+        self.ms_per_image: dict[int, float] = {}
+        self._costs: dict[int, float] = {}
         self._cancelled = threading.Event()
         self._finished = threading.Event()
         if not self.batch_sizes:
@@ -90,6 +95,11 @@ class CompiledNetworks:
     def ready_sizes(self) -> list[int]:
         """Batch sizes served by a compiled network now, ascending."""
         return sorted(self._runners)
+
+    def costs(self) -> dict[int, float]:
+        """Per-image time of each ready batch size relative to the eager batch-1 forward
+        (``0.6``: an image costs 60 % of an eager batch-1 call); sizes not measured are absent."""
+        return {b: c for b, c in self._costs.items() if b in self._runners}
 
     def wait(self, timeout: float = 900.0) -> str:
         """Block until the compilation ends (or ``timeout`` seconds pass); returns :attr:`status`."""
@@ -118,10 +128,12 @@ class CompiledNetworks:
                     if self._cancelled.is_set():
                         self.status = "cancelled"
                         break
-                    compiled = self._compile_one(batch_size)
+                    compiled, eager = self._compile_one(batch_size)
                 self.seconds[batch_size] = round(time.perf_counter() - t0, 1)
+                self._measure(compiled, eager, batch_size)
                 self._runners = {**self._runners, batch_size: compiled}  # one reference swap
-                logger.info("compiled the network for batch %d in %.1f s", batch_size, self.seconds[batch_size])
+                logger.info("compiled the network for batch %d in %.1f s: %.1f ms per image, %.2f x eager batch 1",
+                            batch_size, self.seconds[batch_size], self.ms_per_image[batch_size], self._costs[batch_size])
             else:
                 self.status = "ready"
         except Exception as e:  # the eager network keeps serving
@@ -133,7 +145,9 @@ class CompiledNetworks:
             self._finished.set()
         return self.status
 
-    def _compile_one(self, batch_size: int) -> Callable:
+    def _compile_one(self, batch_size: int) -> tuple[Callable, nn.Module]:
+        """The compiled network for ``batch_size``, traced and warmed, and the private eager copy
+        it was compiled from."""
         import torch._inductor.config as inductor_config
 
         # a private copy: the served eager network's tensors are never touched by this thread
@@ -147,7 +161,26 @@ class CompiledNetworks:
         with inductor_config.patch(freezing=True):
             self.run(compiled, x)
         self.run(compiled, x.clone())  # a second input: warmed, and no recompilation
-        return compiled
+        return compiled, network
+
+    def _measure(self, compiled: Callable, eager: nn.Module, batch_size: int, rounds: int = 3) -> None:
+        """Time ``compiled`` on a batch and the private ``eager`` copy on one image, alternating
+        (``rounds`` calls of each, medians): :attr:`ms_per_image` and the cost ratio of
+        :meth:`costs`, which chooses how batches are split (:func:`thyroid_plugin.inference.batch_plan`).
+        Both run in this thread on private objects, beside whatever the model thread serves."""
+        xb, x1 = self.example_input(batch_size), self.example_input(1)
+        self.run(eager, x1)  # oneDNN builds its eager primitives on the first call
+        compiled_s, eager_s = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            self.run(compiled, xb)
+            t1 = time.perf_counter()
+            self.run(eager, x1)
+            eager_s.append(time.perf_counter() - t1)
+            compiled_s.append(t1 - t0)
+        per_image = statistics.median(compiled_s) / batch_size
+        self.ms_per_image[batch_size] = round(per_image * 1e3, 2)
+        self._costs[batch_size] = round(per_image / statistics.median(eager_s), 3)
 
     def example_input(self, batch_size: int) -> torch.Tensor:
         """An input built as requests build theirs (a normal tensor made outside inference mode,

@@ -352,13 +352,18 @@ class NodulePredictor:
     def info(self) -> dict:
         """What the loaded model is: identity, validation metrics, creation time, input size,
         precision, device and compilation (``compiled``: status; ``compiled_batch_sizes``: the
-        batch sizes served by a compiled network now)."""
+        batch sizes served by a compiled network now; ``compiled_ms_per_image`` and
+        ``compiled_cost_vs_eager``: what an image costs in each, measured at its warm-up, which
+        decides how batches are split, :func:`batch_plan`)."""
         m = self._model
         return {"model": m.identity, "metrics": m.metrics, "created": m.created, "image_size": m.image_size,
                 "threshold": self.threshold, "network": m.network_def,
                 "precision": str(m.dtype).replace("torch.", "") if m.dtype else "fp32",
                 "device": str(self.device), "train": m.train,
-                "compiled": m.compiled.status, "compiled_batch_sizes": m.compiled.ready_sizes()}
+                "compiled": m.compiled.status, "compiled_batch_sizes": m.compiled.ready_sizes(),
+                "compiled_ms_per_image": {str(b): m.compiled.ms_per_image[b] for b in m.compiled.ready_sizes()
+                                          if b in m.compiled.ms_per_image},
+                "compiled_cost_vs_eager": {str(b): c for b, c in sorted(m.compiled.costs().items())}}
 
     # ------------------------------------------------------------------------------- inference
     def predict(self, image: ImageInput, roi: Optional[Sequence[float]] = None) -> Prediction:
@@ -523,18 +528,19 @@ def saliency_on_frame(saliency: Optional[torch.Tensor], index: int, shape: tuple
 def batch_plan(n: int, compiled: CompiledNetworks) -> list[tuple[int, int, Optional[Callable]]]:
     """How a batch of ``n`` runs: ``(start, stop, compiled network or None for eager)`` chunks.
 
-    Whole when a compiled network of size ``n`` is ready (or none is); else chunks of the ready
-    compiled sizes, largest first, so an image never costs more than a compiled batch-1 call;
-    what no ready size covers runs eagerly in one chunk."""
+    Chunks of the ready compiled sizes, the size whose image costs least first (its measured
+    cost, :meth:`CompiledNetworks.costs`; the larger size on a tie and where no cost was
+    measured), so an image in a batch never costs more than in the cheapest compiled size: on a
+    CPU where batching does not pay (the activations of a batch of 8 outgrow the caches), a
+    batch runs as compiled batch-1 calls; where it pays (bf16 on AMX), in batches of 8. What no
+    ready size covers runs eagerly in one chunk (all of it while nothing is compiled yet)."""
     ready = compiled.ready_sizes()
-    if not ready or n in ready:
-        return [(0, n, compiled.runner(n))]
+    costs = compiled.costs()
     plan, start = [], 0
-    for size in sorted(ready, reverse=True):
+    for size in sorted(ready, key=lambda s: (costs.get(s, 0.0), -s)):
         while n - start >= size:
             plan.append((start, start + size, compiled.runner(size)))
             start += size
     if start < n:
         plan.append((start, n, None))
     return plan
-

@@ -97,6 +97,24 @@ def test_infer_image_only_returns_the_mask_on_the_input_grid(server, images):
     assert mask[~outside].max() > 0
 
 
+def test_mask_format_nrrd_returns_the_same_mask_as_an_nrrd_on_the_frame_grid(server, images, tmp_path):
+    """``mask_format: nrrd`` (what Slicer asks for a frame it names by id) answers the PNG
+    frame's mask as an NRRD with the same pixels, one slice on the frame's grid."""
+    import nrrd
+
+    def ask(params):
+        return requests.post(f"{server.url}/infer/classify_nodule", params={"output": "image"},
+                             files={"file": ("frame.png", open(images[1]["file"], "rb"), "image/png")},
+                             data={"params": json.dumps(params)}, timeout=TIMEOUT)
+
+    native, as_nrrd = ask({"roi": [60, 40, 240, 230]}), ask({"roi": [60, 40, 240, 230], "mask_format": "nrrd"})
+    assert native.status_code == as_nrrd.status_code == 200, as_nrrd.text
+    (tmp_path / "mask.nrrd").write_bytes(as_nrrd.content)
+    data, header = nrrd.read(str(tmp_path / "mask.nrrd"), index_order="C")
+    assert list(header["sizes"]) == [300, 300, 1] and header["space"] == "left-posterior-superior"
+    np.testing.assert_array_equal(data[0], np.array(Image.open(io.BytesIO(native.content))))
+
+
 def test_infer_all_with_monai_label_client(server, images, tmp_path):
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
     mask_path, result = client.infer("classify_nodule", "", {}, file=images[2]["file"])
@@ -255,6 +273,7 @@ BAD_REQUESTS = {
     "roi_outside": (dict(params={"output": "json"}, data={"params": json.dumps({"roi": [400, 400, 500, 500]})}), 422),
     "roi_not_numbers": (dict(params={"output": "json"}, data={"params": json.dumps({"roi": ["a", 1, 2, 3]})}), 422),
     "frame_negative": (dict(params={"output": "json"}, data={"params": json.dumps({"frame": -1})}), 400),
+    "mask_format_unknown": (dict(params={"output": "json"}, data={"params": json.dumps({"mask_format": "../x"})}), 422),
     "no_image_at_all": (dict(params={"output": "json"}), 422),
 }
 
@@ -263,7 +282,7 @@ BAD_REQUESTS = {
 def test_bad_requests_get_a_4xx_with_a_message(server, images, case):
     kwargs, status = BAD_REQUESTS[case]
     kwargs = dict(kwargs)
-    if case.startswith(("malformed", "params_not", "roi", "frame")):
+    if case.startswith(("malformed", "params_not", "roi", "frame", "mask_format")):
         kwargs["files"] = {"file": ("frame.png", open(images[0]["file"], "rb"), "image/png")}
     before = _snapshot(server)
     r = requests.post(f"{server.url}/infer/classify_nodule", timeout=TIMEOUT, **kwargs)

@@ -225,13 +225,21 @@ def test_compile_mode_words():
 
 def test_compiled_network_serves_its_batch_sizes_and_matches_eager(small_model, frames):
     """A real ``torch.compile`` (inductor, freezing) of the served network for batch sizes 1 and 2:
-    once warmed, batches run through the compiled networks (a batch of 3 as 2 + 1) and agree with
-    the eager network, and no request ever recompiles."""
+    once warmed, batches run through the compiled networks (a batch of 3 in chunks of the compiled
+    sizes, the one measured cheaper per image first) and agree with the eager network, and no
+    request ever recompiles."""
     eager = NodulePredictor(small_model, device="cpu", precision="fp32")
     compiled = NodulePredictor(small_model, device="cpu", precision="fp32", compile="on", compile_batch_sizes=(1, 2))
     info = compiled.info()
     assert info["compiled"] == "ready", info["compiled"]
     assert info["compiled_batch_sizes"] == [1, 2]
+    costs = info["compiled_cost_vs_eager"]  # measured at warm-up; they choose the split
+    assert set(costs) == set(info["compiled_ms_per_image"]) == {"1", "2"}
+    assert all(c > 0 for c in costs.values()) and all(ms > 0 for ms in info["compiled_ms_per_image"].values())
+    plan = batch_plan(3, compiled.loaded.compiled)
+    cheaper = min((1, 2), key=lambda b: (costs[str(b)], -b))
+    assert [stop - start for start, stop, _ in plan] == ([1, 1, 1] if cheaper == 1 else [2, 1])
+    assert all(runner is not None for _, _, runner in plan)
     from torch._dynamo.utils import counters
 
     compiled_frames = sum(counters["frames"].values())
@@ -267,24 +275,37 @@ def test_compiled_network_has_frozen_weights_and_shares_no_tensor_with_the_serve
     assert not served_storage & {t.untyped_storage().data_ptr() for t in list(copy.parameters()) + list(copy.buffers())}
 
 
-def test_batch_plan_uses_ready_compiled_sizes_largest_first():
+def test_batch_plan_splits_batches_into_the_cheapest_compiled_size_per_image():
 
     class Ready:
-        def __init__(self, sizes):
-            self.sizes = sizes
+        def __init__(self, sizes, costs=None):
+            self.sizes, self._costs = sizes, costs or {}
 
         def ready_sizes(self):
             return sorted(self.sizes)
 
+        def costs(self):
+            return {b: c for b, c in self._costs.items() if b in self.sizes}
+
         def runner(self, n):
             return f"c{n}" if n in self.sizes else None
 
+    # no cost measured: largest ready size first, whole when it fits
     assert batch_plan(5, Ready([])) == [(0, 5, None)]
     assert batch_plan(8, Ready([1, 8])) == [(0, 8, "c8")]
     assert batch_plan(11, Ready([1, 8])) == [(0, 8, "c8"), (8, 9, "c1"), (9, 10, "c1"), (10, 11, "c1")]
     assert batch_plan(40, Ready([1, 8, 32])) == [(0, 32, "c32"), (32, 40, "c8")]
     assert batch_plan(5, Ready([8])) == [(0, 5, None)]  # nothing ready fits: eager, whole
     assert batch_plan(13, Ready([8, 32])) == [(0, 8, "c8"), (8, 13, None)]
+    # batching pays (bf16 on AMX): batches of 8, the rest one by one
+    assert batch_plan(11, Ready([1, 8], {1: 0.40, 8: 0.30})) == [(0, 8, "c8"), (8, 9, "c1"), (9, 10, "c1"),
+                                                                   (10, 11, "c1")]
+    # batching does not pay on this CPU: a batch of 8 runs as eight compiled batch-1 calls
+    assert batch_plan(8, Ready([1, 8], {1: 0.70, 8: 0.78})) == [(i, i + 1, "c1") for i in range(8)]
+    # a size not measured yet counts as free only against sizes not measured either
+    assert batch_plan(9, Ready([1, 8], {1: 0.70})) == [(0, 8, "c8"), (8, 9, "c1")]
+    # a tie goes to the larger size
+    assert batch_plan(8, Ready([1, 8], {1: 0.5, 8: 0.5})) == [(0, 8, "c8")]
 
 
 def test_background_compilation_serves_eagerly_until_ready_and_survives_failure(small_model, frames, monkeypatch):

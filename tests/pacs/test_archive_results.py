@@ -160,11 +160,10 @@ def test_a_full_queue_drops_results_and_counts_them(tmp_path, orthanc, archive):
     for image_id in ids:
         path = store.get_image_uri(image_id)
         image = load_image(path)
-        mask = tmp_path / f"{image_id}.dcm"
-        mask.write_bytes(encode_mask(image, np.full(image.array.shape[:2], 128, np.uint8)))
+        mask = encode_mask(image, np.full(image.array.shape[:2], 128, np.uint8))
         result = {"label": "benign", "probabilities": {"benign": 0.7, "malignant": 0.3}, "threshold": 0.5,
                   "roi": None, "model": model}
-        jobs.append((path, str(mask), result))
+        jobs.append((path, mask, result))
     assert store.keep_result(str(tmp_path / "elsewhere.dcm"), jobs[0][1], jobs[0][2]) is False  # not an archive frame
     orthanc.pause()
     try:

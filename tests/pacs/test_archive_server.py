@@ -268,6 +268,39 @@ def test_slicer_confirms_a_frame_loaded_from_the_pacs_by_its_uid(server, orthanc
     scene.Clear(1)
 
 
+def test_slicer_classifies_a_frame_loaded_from_the_pacs_by_its_uid_without_sending_pixels(server, orthanc, archive):
+    """"Classify nodule" on a frame that Slicer's DICOM module loaded names the archive frame by
+    its UID: no file goes to the server, the answer is the archive frame's own (the volume's
+    pixels here are blank on purpose, so an upload would answer differently), and the mask is
+    shown on the volume pixel for pixel although the two DICOM readers' spacings differ."""
+    import sys
+
+    from tests.slicer.helpers import MODULE_DIR, RASTER_IJK_TO_RAS, add_volume, new_scene
+
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
+    from ThyroidNoduleLib import NoduleLogic
+
+    ds = archive.datasets["gray"]
+    direct = requests.post(f"{server.url}/infer/classify_nodule", params={"image": ds.SOPInstanceUID, "output": "json"},
+                           timeout=TIMEOUT)
+    assert direct.status_code == 200, direct.text
+    scene = new_scene()
+    volume = add_volume(scene, np.zeros((1, int(ds.Rows), int(ds.Columns)), np.uint8), RASTER_IJK_TO_RAS, "from PACS")
+    volume.SetAttribute("DICOM.instanceUIDs", ds.SOPInstanceUID)
+    logic = NoduleLogic(scene)
+    client = logic.connect(server.url)
+    sent = []
+    infer = client.infer
+    client.infer = lambda *a, **k: sent.append((a, k)) or infer(*a, **k)
+    result = logic.classify(volume)
+    assert len(sent) == 1 and sent[0][1].get("image_id") == ds.SOPInstanceUID and len(sent[0][0]) == 1  # no file
+    assert result.prob_malignant == pytest.approx(direct.json()["probabilities"]["malignant"], abs=1e-6)
+    assert not result.warning, result.warning
+    assert result.heat_volume is not None and result.heat_volume.GetImageData().GetDimensions()[:2] == (ds.Columns, ds.Rows)
+    scene.Clear(1)
+
+
 def test_asynchronous_batch_stores_only_the_missing_results(server, orthanc, archive):
     """The background batch (its own process, which opens the archive itself) writes the result
     of a frame stored in the archive since the last batch, and nothing else."""

@@ -89,6 +89,20 @@ def test_classify_gray_png_frame_mask_matches_direct_upload(logic, scene):
     assert c.result["image"]["direction"] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 
 
+def test_a_dicom_frame_unknown_to_a_folder_server_is_uploaded(logic, scene):
+    """A frame loaded through Slicer's DICOM module is first asked for by its UID; a server over
+    a studies folder does not hold it (404) and gets the pixels instead, with the same answer
+    as a direct upload."""
+    path = Path(CONFIRMED[0]["file"])
+    volume = load_like_slicer(scene, path)
+    volume.SetAttribute("DICOM.instanceUIDs", "1.2.826.0.1.3680043.8.498.1234567890")
+    c = logic.classify(volume)
+    assert c.warning == ""
+    result, mask = direct_mask(logic.client, path.name, path.read_bytes())
+    assert result["probabilities"] == pytest.approx(c.result["probabilities"], abs=1e-4)
+    np.testing.assert_array_equal(heat_array(c)[0], mask)
+
+
 def test_classify_colour_frame_as_vector_volume(logic, scene, tmp_path):
     gray = np.asarray(Image.open(CONFIRMED[5]["file"]).convert("L"))
     rgb = colour_frame(gray)

@@ -44,15 +44,19 @@ def write_mask(image: UltrasoundImage, mask: np.ndarray, path: PathLike) -> str:
     return os.fspath(path)
 
 
-def encode_mask(image: UltrasoundImage, mask: np.ndarray) -> bytes:
+def encode_mask(image: UltrasoundImage, mask: np.ndarray, as_nrrd: bool = False) -> bytes:
     """The bytes of the file :func:`write_mask` writes (for answers that never touch the disk
-    durably, e.g. a mask streamed back in an HTTP response)."""
+    durably, e.g. a mask streamed back in an HTTP response); with ``as_nrrd`` an NRRD file on
+    the frame's grid whatever its format (what 3D Slicer reads, e.g. for an archive frame that
+    the server read from DICOM)."""
     mask = np.asarray(mask)
     if mask.shape != image.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the image's {image.shape}")
     mask = mask.astype(np.uint8)
     fmt = image.format
-    if fmt in PIL_FORMAT:
+    if as_nrrd and fmt != "nrrd":
+        data = _encode_nrrd_on_grid(image, mask)
+    elif fmt in PIL_FORMAT:
         data = _encode_raster(mask, "PNG" if fmt == "jpeg" else PIL_FORMAT[fmt])
     elif fmt == "nrrd":
         data = _encode_nrrd(image, mask)
@@ -71,6 +75,17 @@ def _encode_raster(mask: np.ndarray, pil_format: str) -> bytes:
     options = {"compress_level": 1} if pil_format == "PNG" else {}
     Image.fromarray(mask, mode="L").save(buf, format=pil_format, **options)
     return buf.getvalue()
+
+
+def _encode_nrrd_on_grid(image: UltrasoundImage, mask: np.ndarray) -> bytes:
+    """A one-slice LPS NRRD of ``mask`` with the frame's spacing, origin and directions."""
+    import nrrd
+
+    header = {"type": "unsigned char", "encoding": "gzip", "kinds": ["domain"] * 3, "space": "left-posterior-superior",
+              "space directions": np.asarray(image.affine[:3, :3], dtype=float).T,
+              "space origin": np.asarray(image.affine[:3, 3], dtype=float)}
+    data = mask.T[:, :, None]  # (i, j, k) in file order
+    return _written_bytes(".nrrd", lambda name: nrrd.write(name, np.asfortranarray(data), header, index_order="F"))
 
 
 def _encode_nrrd(image: UltrasoundImage, mask: np.ndarray) -> bytes:

@@ -74,11 +74,14 @@ class InferResponse:
         result: the result JSON (``label``, ``probabilities``, ``image``, ...).
         mask: the saliency mask file's bytes, or ``None`` when the server sent JSON only.
         mask_filename: the mask part's file name ("" when none).
+        image_id: the datastore image the server classified (an archive frame's UID) when no
+            file was sent; ``None`` for an upload.
     """
 
     result: Dict[str, Any]
     mask: Optional[bytes] = None
     mask_filename: str = ""
+    image_id: Optional[str] = None
 
 
 @dataclass
@@ -358,7 +361,9 @@ class MonaiLabelClient:
             query["image"] = image_id
         response = self._send_form("POST", f"/infer/{urllib.parse.quote(model)}", action, fields,
                                    timeout or self.timeouts.infer, query)
-        return self._parse_infer(response, action)
+        parsed = self._parse_infer(response, action)
+        parsed.image_id = query.get("image")
+        return parsed
 
     def _parse_infer(self, response: _Response, action: str) -> InferResponse:
         main = header_params(response.content_type)[0]

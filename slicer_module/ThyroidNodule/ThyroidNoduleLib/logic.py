@@ -90,6 +90,8 @@ class PreparedFrame:
             ``direction``.
         roi: ``[x0, y0, x1, y1]`` pixel box or ``None``.
         server_image_id: the frame's datastore id on this server, if it has one.
+        archive_id: the SOP Instance UID of a frame loaded from the PACS by Slicer's DICOM
+            module: "Classify nodule" names it instead of sending the pixels.
     """
 
     volume_id: str
@@ -100,6 +102,7 @@ class PreparedFrame:
     grid: Dict[str, Any]
     roi: Optional[List[int]] = None
     server_image_id: Optional[str] = None
+    archive_id: Optional[str] = None
 
 
 @dataclass
@@ -527,14 +530,28 @@ class NoduleLogic:
         data, layout, grid = self.frame_file(volume)
         box = self.roi_box(volume, roi) if roi is not None else None
         return PreparedFrame(volume_id=volume.GetID(), volume_name=volume.GetName(), layout=layout, file_name="frame.nrrd",
-                             data=data, grid=grid, roi=box, server_image_id=self._image_id_on_server(volume))
+                             data=data, grid=grid, roi=box, server_image_id=self._image_id_on_server(volume),
+                             archive_id=dicom_image_id(volume))
 
     def request_classification(self, prepared: PreparedFrame) -> InferResponse:
-        """Send the frame to ``classify_nodule`` (network only; safe in a worker thread)."""
+        """Ask ``classify_nodule`` (network only; safe in a worker thread).
+
+        A frame loaded from the PACS is classified by its SOP Instance UID, as the server's
+        archive holds it (no pixels are sent, and the server writes its result back to the
+        archive); a server that does not hold that UID (404: a server over a studies folder)
+        gets the frame uploaded instead. Any other frame is uploaded."""
+        client = self._require_client()
         params: Dict[str, Any] = {}
         if prepared.roi is not None:
             params["roi"] = prepared.roi
-        return self._require_client().infer(TASK_NAME, prepared.file_name, prepared.data, params, output="all")
+        if prepared.archive_id:
+            try:
+                return client.infer(TASK_NAME, params={**params, "mask_format": "nrrd"}, output="all",
+                                    image_id=prepared.archive_id)
+            except ServerError as e:
+                if e.status != 404:
+                    raise
+        return client.infer(TASK_NAME, prepared.file_name, prepared.data, params, output="all")
 
     def _check_result(self, result: Dict[str, Any]) -> None:
         label = result.get("label")
@@ -544,8 +561,17 @@ class NoduleLogic:
 
     def _mask_array(self, prepared: PreparedFrame, response: InferResponse) -> np.ndarray:
         """The returned mask as ``(K, J, I)`` uint8 on the volume's grid, after checking both the
-        result's ``image`` grid and the mask file's own header against the volume."""
-        check_result_geometry(response.result.get("image") or {}, prepared.grid, "the result's image fields")
+        result's ``image`` grid and the mask file's own header against the volume.
+
+        For a frame the server read from the archive by its UID (``response.image_id``), only
+        the pixel size is checked: the pixels are that instance's own, placed pixel for pixel,
+        while spacing and origin come from two DICOM readers with their own rules (the server
+        takes the spacing from the Sequence of Ultrasound Regions, Slicer's reader may not)."""
+        by_uid = response.image_id is not None and response.image_id == prepared.archive_id
+        reported = dict(response.result.get("image") or {})
+        if by_uid:
+            reported = {**{k: prepared.grid[k] for k in ("spacing", "origin", "direction")}, "size": reported.get("size", [])}
+        check_result_geometry(reported, prepared.grid, "the result's image fields")
         try:
             mask = read_nrrd(response.mask or b"")
         except NrrdError as e:
@@ -560,8 +586,8 @@ class NoduleLogic:
         if sizes[:2] != [prepared.layout.width, prepared.layout.height] or any(s != 1 for s in sizes[2:]):
             raise GeometryMismatchError(f"The saliency mask from the server has {sizes} pixels, the image "
                                         f"{[prepared.layout.width, prepared.layout.height]}; it was not displayed.")
-        file_grid = grid_of(mask.ijk_to_lps(), sizes[:2])
-        check_result_geometry(file_grid, prepared.grid, "the mask file")
+        if not by_uid:
+            check_result_geometry(grid_of(mask.ijk_to_lps(), sizes[:2]), prepared.grid, "the mask file")
         array = mask.data.reshape(1, prepared.layout.height, prepared.layout.width)
         if array.dtype != np.uint8:
             array = np.clip(array, 0, 255).astype(np.uint8)

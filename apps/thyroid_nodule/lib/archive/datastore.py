@@ -280,16 +280,15 @@ class ArchiveDatastore(Datastore):
         logger.info("stored the result of %s for %s in the archive", model, image_id)
         return True
 
-    def keep_result(self, image_path: str, mask_file: str, result: Dict[str, Any]) -> bool:
+    def keep_result(self, image_path: str, mask: bytes, result: Dict[str, Any]) -> bool:
         """A finished single classification of the file ``image_path`` (``classify_nodule``'s
         hook): when that file is an archive frame of the cache (``get_image_uri``), its result
         and mask are queued to be written (see :mod:`.results`) and this returns at once; an
-        uploaded file is no archive frame and nothing is written (``False``)."""
+        uploaded file is no archive frame and nothing is written (``False``). ``mask`` is the
+        mask file's bytes in the frame's own format (a DICOM Secondary Capture)."""
         image_id = self.cache.image_id_of(image_path)
         if image_id is None or not isinstance(result, dict) or "model" not in result:
             return False
-        with open(mask_file, "rb") as fp:  # the answer's mask file is deleted once it is sent
-            mask = fp.read()
         return self.results.submit(image_id, copy.deepcopy(result), mask)
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:

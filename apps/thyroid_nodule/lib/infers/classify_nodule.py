@@ -14,6 +14,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from thyroid_plugin.constants import CLASS_NAMES
 from thyroid_plugin.errors import InvalidImageError, ModelNotFoundError
 from thyroid_plugin.inference import NodulePredictor, Prediction
+from thyroid_plugin.studies import InvalidRequestError
 from thyroid_plugin.io import DEFAULT_MAX_PIXELS, UltrasoundImage, encode_mask, json_safe, load_image, mask_suffix
 
 from ..http import http_errors
@@ -31,6 +32,8 @@ class _LoadFrame:
         path = data.get("image")
         if not isinstance(path, str) or not path or not os.path.isfile(path):
             raise_not_found(data.get("image_id") or path)
+        if data.get("mask_format") not in (None, "", "native", "nrrd"):
+            raise InvalidRequestError(f"mask_format must be 'native' or 'nrrd', not {data.get('mask_format')!r}"[:200])
         frame = data.get("frame")
         if frame is not None and (not isinstance(frame, int) or isinstance(frame, bool) or frame < 0):
             raise InvalidImageError(f"frame must be a non-negative integer, got {frame!r}")
@@ -47,8 +50,10 @@ def raise_not_found(image) -> None:
 class ClassifyNodule(BasicInferTask):
     """Classify a thyroid nodule frame and return its saliency mask on the frame's grid.
 
-    Request fields (MONAI Label ``params``): ``roi`` ``[x0, y0, x1, y1]`` (pixels, optional) and
-    ``frame`` (multi-frame DICOM, optional). The result JSON and the mask are described in the
+    Request fields (MONAI Label ``params``): ``roi`` ``[x0, y0, x1, y1]`` (pixels, optional),
+    ``frame`` (multi-frame DICOM, optional) and ``mask_format`` (``native``: the mask in the
+    frame's own format, the default; ``nrrd``: an NRRD on the frame's grid whatever the frame's
+    format, as 3D Slicer asks for an archive frame it names by UID). The result JSON and the mask are described in the
     README's REST contract.
 
     Args:
@@ -130,18 +135,16 @@ class ClassifyNodule(BasicInferTask):
 
     def __call__(self, request, callbacks=None):
         with http_errors():
-            mask_path, result = super().__call__(request, callbacks)
-        self._hand_over(request.get("image"), mask_path, result)
-        return mask_path, result
+            return super().__call__(request, callbacks)
 
-    def _hand_over(self, image_path, mask_path: str, result: Dict[str, Any]) -> None:
+    def _hand_over(self, image_path, mask: bytes, result: Dict[str, Any]) -> None:
         """Give the finished result to the datastore's ``keep_result`` (see ``result_store``);
         the answer goes out whatever the datastore does with it."""
         keep_result = getattr(self.result_store, "keep_result", None)
         if keep_result is None or not isinstance(image_path, str):
             return
         try:
-            keep_result(image_path, mask_path, result)
+            keep_result(image_path, mask, result)
         except Exception:
             logger.exception("the datastore could not take the result of %s", os.path.basename(image_path))
 
@@ -153,15 +156,19 @@ class ClassifyNodule(BasicInferTask):
     def writer(self, data: Dict[str, Any], extension=None, dtype=None):
         image: UltrasoundImage = data["image_source"]
         pred: Prediction = data["pred"]
+        native = encode_mask(image, pred.saliency_uint8())
+        as_nrrd = data.get("mask_format") == "nrrd" and image.format != "nrrd"
+        result = json_safe(result_json(pred, image, ".nrrd" if as_nrrd else mask_suffix(image)))  # JSON has no NaN
+        self._hand_over(data.get("image"), native, result)  # the archive keeps the frame's own format
         # a transient file that MONAI Label streams back and deletes: no fsync, no rename
-        fd, path = tempfile.mkstemp(suffix=mask_suffix(image), prefix="saliency-")
+        fd, path = tempfile.mkstemp(suffix=".nrrd" if as_nrrd else mask_suffix(image), prefix="saliency-")
         try:
             with os.fdopen(fd, "wb") as fp:
-                fp.write(encode_mask(image, pred.saliency_uint8()))
+                fp.write(encode_mask(image, pred.saliency_uint8(), as_nrrd=True) if as_nrrd else native)
         except BaseException:
             os.unlink(path)
             raise
-        return path, json_safe(result_json(pred, image))  # JSON has no NaN
+        return path, result
 
     # ---------------------------------------------------------------------------- batch path
     def predict_batch(self, images: Sequence[UltrasoundImage], rois: Sequence) -> list:
@@ -169,8 +176,9 @@ class ClassifyNodule(BasicInferTask):
             return self.predictor().predict_batch(images, rois)
 
 
-def result_json(pred: Prediction, image: UltrasoundImage) -> Dict[str, Any]:
-    """The result fields plus the grid of the returned mask (which is the input's grid)."""
+def result_json(pred: Prediction, image: UltrasoundImage, mask_file_suffix: Optional[str] = None) -> Dict[str, Any]:
+    """The result fields plus the grid of the returned mask (which is the input's grid) and its
+    file format (``mask_file_suffix``, default: the input's own mask format)."""
     out = pred.to_json()
     out["image"] = {
         "size": [image.shape[1], image.shape[0]],
@@ -178,7 +186,7 @@ def result_json(pred: Prediction, image: UltrasoundImage) -> Dict[str, Any]:
         "origin": [round(v, 9) for v in image.origin],
         "direction": [[round(float(v), 9) for v in row] for row in image.direction],
         "format": image.format,
-        "mask_format": mask_suffix(image).lstrip("."),
+        "mask_format": (mask_file_suffix or mask_suffix(image)).lstrip("."),
     }
     out["timings"] = {k: round(float(v), 4) for k, v in pred.timings.items()}
     return out

@@ -76,7 +76,7 @@ def json_object_field(name: str, text: Optional[str]) -> dict:
 
 
 #: the ``params`` of ``POST /infer/classify_nodule`` (see the README); other keys are dropped
-INFER_PARAMS = ("roi", "frame")
+INFER_PARAMS = ("roi", "frame", "mask_format")
 #: keys MONAI Label would take from ``params`` as request fields: the image to read (any path on
 #: the server), the model, whether to save the result as a datastore label, the device, ...
 _RESERVED_INFER_PARAMS = {"image", "image_path", "model", "session", "session_id", "label", "save_label", "label_tag",
@@ -85,7 +85,7 @@ _RESERVED_INFER_PARAMS = {"image", "image_path", "model", "session", "session_id
 
 
 def infer_params(text: Optional[str]) -> str:
-    """The ``params`` an inference may carry, as JSON: only ``roi`` and ``frame``.
+    """The ``params`` an inference may carry, as JSON: only ``roi``, ``frame`` and ``mask_format``.
 
     Raises:
         HTTPException: 422 for bad JSON or a key that would redirect the request (``image``:
