@@ -28,7 +28,7 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 
 from thyroid_plugin.constants import TASK_NAME
 from thyroid_plugin.errors import ThyroidPluginError
-from thyroid_plugin.io import load_image, mask_suffix, write_mask
+from thyroid_plugin.io import encode_mask, load_image, mask_suffix
 from thyroid_plugin.studies import InvalidRequestError, check_tag
 
 from .infers.classify_nodule import ClassifyNodule, result_json
@@ -96,10 +96,11 @@ class PersistingBatchInfer(BatchInferTask):
                         results[image_id] = {"error": str(pred)}
                         continue
                     result = result_json(pred, image)
+                    # a transient file the datastore copies atomically (and durably) into place: no fsync here
                     fd, path = tempfile.mkstemp(suffix=mask_suffix(image), prefix="batch-")
-                    os.close(fd)
                     try:
-                        write_mask(image, pred.saliency_uint8(), path)
+                        with os.fdopen(fd, "wb") as fp:
+                            fp.write(encode_mask(image, pred.saliency_uint8()))
                         datastore.save_label(image_id, path, tag, {"model": model, "params": result})
                     finally:
                         os.unlink(path)
