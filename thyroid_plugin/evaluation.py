@@ -380,7 +380,10 @@ def _pretrained(out_dir: Path, variant: str, settings: Mapping[str, Any], data_r
             progress(f"[protocol] pre-training {variant} on BUS-BRA ({len(train)} training, {len(val)} validation frames)")
         network, best = _train_variant(variant, settings, train, val, done.parent / f"{variant}_train", train_tf, val_tf,
                                        device, epochs=settings.get("pretrain_epochs"))
-        torch.save({"state_dict": network.state_dict(), "best_epoch": best["epoch"], "val_metrics": best["metrics"]}, done)
+        # the validation frames are kept with the weights: held-out figures of the pre-trained network
+        # must use exactly these (scripts/whole_frame_eval.py), whatever the split code becomes
+        torch.save({"state_dict": network.state_dict(), "best_epoch": best["epoch"], "val_metrics": best["metrics"],
+                    "val_images": [d["image"] for d in val]}, done)
         shutil.rmtree(done.parent / f"{variant}_train", ignore_errors=True)
     return torch.load(done, map_location="cpu", weights_only=True)["state_dict"]
 

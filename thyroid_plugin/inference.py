@@ -42,6 +42,13 @@ logger = logging.getLogger(__name__)
 
 ImageInput = Union[str, os.PathLike, UltrasoundImage]
 
+#: the answer's warning when no box was given (measured in docs/evaluation.md, "Whole frames
+#: without a box": a whole clinical frame is classified far less accurately than a boxed nodule,
+#: and the saliency map does not find the nodule reliably enough to crop by it)
+NO_BOX_WARNING = ("no nodule box was given, so the whole image was classified: on whole ultrasound frames the model "
+                  "is much less accurate than with a box around the nodule; draw a box unless the image is already "
+                  "cropped to the nodule")
+
 
 @dataclass
 class Prediction:
@@ -80,6 +87,7 @@ class Prediction:
             "threshold": self.threshold,
             "roi": self.roi,
             "model": self.model,
+            "warnings": [NO_BOX_WARNING] if self.roi is None else [],
             "saliency": {
                 "encoding": "uint8, value = round(255 * saliency probability); 0 outside the roi",
                 "mask_threshold": self.mask_threshold,

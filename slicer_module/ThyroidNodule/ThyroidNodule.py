@@ -318,7 +318,7 @@ class ThyroidNoduleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.maskSegmentation = c.mask_segmentation
         if not p.resultsTable:
             p.resultsTable = slicer.mrmlScene.GetFirstNodeByName(DEFAULT_TABLE_NAME)
-        self._setStatus(c.warning or f"{c.volume_name}: {c.summary()}.")
+        self._setStatus(c.warning or " ".join(t for t in (f"{c.volume_name}: {c.summary()}.", c.advice) if t))
         if c.warning:
             slicer.util.warningDisplay(c.warning)
 

@@ -230,6 +230,14 @@ def test_medium_protocol_pretrains_fine_tunes_and_reports_margins_and_calibratio
     results = run_protocol(out, "medium", ["ddti"], ["single_branch"], root, overrides, progress=messages.append)
     assert any("pre-training single_branch" in m for m in messages)
     assert (out / "pretrain" / "single_branch.pt").is_file()
+    # the pre-training's validation frames are kept with its weights, and none was trained on
+    import torch
+
+    from thyroid_plugin.recipe import pretraining_split
+
+    kept = torch.load(out / "pretrain" / "single_branch.pt", weights_only=True)["val_images"]
+    train, val = pretraining_split({"val_fraction": 0.15, "seed": 0}, root)
+    assert kept == [d["image"] for d in val] and not set(kept) & {d["image"] for d in train}
     runs = sorted((out / "runs" / "ddti").glob("fold*/single_branch.json"))
     assert len(runs) == 5
     test = json.loads(runs[0].read_text())["test"]

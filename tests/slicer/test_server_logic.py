@@ -78,6 +78,8 @@ def test_classify_gray_png_frame_mask_matches_direct_upload(logic, scene):
     assert math.isclose(sum(c.result["probabilities"].values()), 1.0, abs_tol=1e-5)
     assert c.probability == c.result["probabilities"][c.label]
     assert c.model.startswith("sha256:") and c.warning == ""
+    # no box: the server says the whole image was classified, and the module passes it on
+    assert c.result["warnings"] and "whole image" in c.advice and c.advice.startswith("No nodule box")
     assert_on_volume_grid(c.heat_volume, volume)
     # The frame went to the server as an NRRD written from the volume; the answer must be the one
     # for the original PNG, pixel for pixel (same orientation, same values).
@@ -168,6 +170,7 @@ def test_classify_with_roi_sends_pixel_box_and_mask_stays_inside(logic, scene):
     c = logic.classify(volume, roi)
 
     assert c.roi == [60, 80, 180, 220]
+    assert c.result["warnings"] == [] and c.advice == ""
     heat = heat_array(c)[0]
     outside = heat.copy()
     outside[80:220, 60:180] = 0

@@ -122,6 +122,8 @@ class Classification:
         heat_volume: the saliency heat volume node (``None`` when no mask came back).
         mask_segmentation: the editable mask segmentation (``None`` when no mask came back).
         warning: a message about the mask when it could not be shown ("" otherwise).
+        advice: the server's ``warnings`` about the answer, e.g. that no nodule box was given and
+            the whole image was classified ("" when none).
     """
 
     volume_name: str
@@ -136,6 +138,7 @@ class Classification:
     heat_volume: Any = None
     mask_segmentation: Any = None
     warning: str = ""
+    advice: str = ""
 
     def summary(self) -> str:
         """E.g. ``"Malignant (probability 0.73)"``."""
@@ -388,6 +391,15 @@ def _probability(result: Dict[str, Any], name: str) -> float:
     return value
 
 
+def _advice(result: Dict[str, Any]) -> str:
+    """The answer's ``warnings`` (strings) as one sentence each, capitalised; "" when none."""
+    notes = result.get("warnings")
+    if not isinstance(notes, list):
+        return ""
+    texts = [str(n).strip()[:400] for n in notes[:5] if isinstance(n, str) and n.strip()]
+    return " ".join(t[0].upper() + t[1:] + ("" if t.endswith(".") else ".") for t in texts)
+
+
 def server_image_id(name: str, data: bytes) -> str:
     """A datastore id for a frame: its name made safe, plus 8 hex digits of the file's SHA-256
     (so two different frames with the same name never overwrite each other)."""
@@ -634,7 +646,7 @@ class NoduleLogic:
             volume_name=volume.GetName(), label=label, probability=probability, prob_malignant=prob_malignant,
             threshold=float(result.get("threshold", 0.5)), model=str(result.get("model", "")),
             roi=result.get("roi"), time=results.now_iso(), result=result, heat_volume=heat, mask_segmentation=mask_seg,
-            warning=warning)
+            warning=warning, advice=_advice(result))
         row = results.result_row(volume.GetName(), prepared.server_image_id, result, "classify")
         row["Time"] = classification.time
         results.add_row(results.ensure_table(self.scene, table), row)
