@@ -171,6 +171,10 @@ def test_batch_inference_persists_every_result(server):
     assert r.status_code == 200, r.text
     summary = r.json()
     assert summary["total"] == 8 and summary["failed"] == 0
+    # where the batch's time went (read, classify, save), adding up to no more than the whole
+    phases = summary["phase_seconds"]
+    assert set(phases) == {"read", "classify", "save"} and all(v >= 0 for v in phases.values())
+    assert phases["classify"] > 0 and sum(phases.values()) <= summary["seconds"] + 0.05
     for image_id in _ids(server):
         info = requests.get(f"{server.url}/datastore/label/info", params={"label": image_id, "tag": "original"},
                             timeout=TIMEOUT).json()

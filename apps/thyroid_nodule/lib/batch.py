@@ -72,15 +72,19 @@ class PersistingBatchInfer(BatchInferTask):
             results[image_id] = {"skipped": "the archive holds this model's result for the frame already"}
         image_ids = [i for i in image_ids if i not in stored]
         done = 0
+        phases = {"read": 0.0, "classify": 0.0, "save": 0.0}
         for offset in range(0, len(image_ids), batch_size):
             chunk = image_ids[offset : offset + batch_size]
             loaded = []
+            t0 = time.perf_counter()
             for image_id in chunk:
                 try:
                     info = datastore.get_image_info(image_id)
                     loaded.append((image_id, load_image(datastore.get_image_uri(image_id), max_pixels=self.max_pixels), info.get("roi")))
                 except (ThyroidPluginError, OSError) as e:
                     results[image_id] = {"error": str(e)}
+            t1 = time.perf_counter()
+            phases["read"] += t1 - t0
             if loaded:
                 try:
                     preds = self.task.predict_batch([im for _, im, _ in loaded], [roi for _, _, roi in loaded])
@@ -91,6 +95,8 @@ class PersistingBatchInfer(BatchInferTask):
                             preds.extend(self.task.predict_batch([im], [roi]))
                         except ThyroidPluginError as err:
                             preds.append(err)
+                t2 = time.perf_counter()
+                phases["classify"] += t2 - t1
                 for (image_id, image, _), pred in zip(loaded, preds):
                     if isinstance(pred, Exception):
                         results[image_id] = {"error": str(pred)}
@@ -105,13 +111,15 @@ class PersistingBatchInfer(BatchInferTask):
                     finally:
                         os.unlink(path)
                     results[image_id] = result
+                phases["save"] += time.perf_counter() - t2
             done += len(chunk)
             print(f"[batch] {done}/{len(image_ids)} images", flush=True)
             print(progress_line(done, len(image_ids)), flush=True)
         failed = sum(1 for r in results.values() if "error" in r)
         logger.info("batch inference of %d images in %.1fs, %d failed", len(image_ids), time.time() - start, failed)
         return {"total": len(image_ids) + len(stored), "failed": failed, "skipped": len(stored), "label_tag": tag,
-                "results": results, "seconds": round(time.time() - start, 2)}
+                "results": results, "seconds": round(time.time() - start, 2),
+                "phase_seconds": {k: round(v, 3) for k, v in phases.items()}}
 
 
 #: key of the JSON progress line a background batch prints (see the module docstring)
