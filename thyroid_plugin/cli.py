@@ -90,11 +90,15 @@ def _add_protocol(sub) -> None:
 
 
 def _add_calibrate(sub) -> None:
-    p = sub.add_parser("calibrate", help="calibrate a model's probabilities (temperature scaling) and set its operating point (Youden's J) and validation metrics from a labelled validation set")
+    p = sub.add_parser("calibrate", help="calibrate a model's probabilities (Platt or temperature scaling) and set its operating point (Youden's J) and validation metrics from a labelled validation set")
     p.add_argument("--csv", required=True, help="labelled validation data, not the test data")
     p.add_argument("--model", required=True, help="model file (updated in place, atomically)")
-    p.add_argument("--no-temperature", dest="temperature", action="store_false",
-                   help="keep the probabilities as they are (default: fit a temperature on these predictions and fold it into the weights)")
+    p.add_argument("--method", choices=("platt", "temperature", "none"), default="platt",
+                   help="platt (default): fit a scale and a shift of the logits on these predictions (the probabilities then "
+                        "match this set's share of malignant cases); temperature: a scale only; none: keep the probabilities "
+                        "as they are. The calibration is folded into the weights")
+    p.add_argument("--no-temperature", dest="method", action="store_const", const="none",
+                   help="the same as --method none (kept for scripts written before --method)")
     p.add_argument("--device")
 
 
@@ -273,9 +277,9 @@ def cmd_calibrate(args) -> int:
                                               [d.get("roi") for d in datalist[start : start + 16]])]
     labels = [int(d["label"]) for d in datalist]
     extra = {}
-    if args.temperature:
-        # calibrated probabilities: the temperature is folded into the weights, the threshold re-chosen
-        record = calibrate_model_file(args.model, probs, labels)
+    if args.method != "none":
+        # calibrated probabilities: the calibration is folded into the weights, the threshold re-chosen
+        record = calibrate_model_file(args.model, probs, labels, args.method)
         identity = record.pop("model")
         extra = {"calibration": {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}}
     else:

@@ -1,16 +1,18 @@
 """The training recipe of the ``medium`` protocol and the shipped model: lesion-centred crops with
 a random margin and whole frames (:mod:`thyroid_plugin.lesion`), ultrasound augmentation for
 scanner shift (:mod:`thyroid_plugin.us_augment`), more lesions from BUS-BRA (mixed in, or as
-pre-training), evaluation against the box margin, and temperature calibration on the validation
-data (:mod:`thyroid_plugin.calibration`).
+pre-training), evaluation against the box margin, and calibration on the validation data
+(Platt scaling by default, ``settings["calibration"]``; :mod:`thyroid_plugin.calibration`).
 
 Evaluation of one trained network on a test set (:func:`evaluate_recipe`):
 
 - ROC-AUC with a box of each margin in ``settings["test_margins"]`` (tight, 25 %, 50 %, whole
   frame), the box drawn from the expert mask as a user would draw it;
 - the headline figures at ``settings["headline_margin"]`` (25 %: a loose box), with the
-  probabilities calibrated by the temperature fitted on the validation predictions; the
-  expected calibration error before and after;
+  probabilities calibrated on the validation predictions (``settings["calibration"]``:
+  ``platt``, the default, or ``temperature``); the expected calibration error before and after,
+  and that of the other method too (``ece_temperature`` / ``ece_platt``), so the two can be
+  compared on the same runs;
 - saliency against the mask on whole frames (where the map and the mask share a grid);
 - a whole frame without a box, classified on the crop its own saliency map points at
   (``auc_saliency_box``: the saliency network as a nodule localiser).
@@ -24,7 +26,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from .calibration import expected_calibration_error, fit_temperature, scale_probabilities
+from .calibration import IDENTITY, expected_calibration_error, fit_calibration
 from .data import datalist_from_csv, grouped_split
 from .lesion import FrameCache, box_from_saliency, LesionCropd, RandLesionCropd, margin_box, margin_label, margins_from
 from .metrics import binary_metrics
@@ -108,12 +110,13 @@ def evaluate_recipe(network: torch.nn.Module, variant: str, test: Sequence[Mappi
                     validation: Optional[tuple[Sequence[float], Sequence[int]]],
                     evaluate: Callable[..., dict]) -> dict:
     """Test figures of a trained network (see the module docstring). ``validation`` is the
-    ``(probabilities, labels)`` of its best epoch on the validation set (temperature fitting);
+    ``(probabilities, labels)`` of its best epoch on the validation set (calibration);
     ``evaluate(network, variant, items, prepare)`` is the protocol's evaluation of a list.
 
-    Returns ``{"test": summary, "records": per image, "temperature": T}``."""
+    Returns ``{"test": summary, "records": per image, "temperature": T, "calibration": record}``."""
     settings = inputs.settings
-    temperature = fit_temperature(*validation) if validation else 1.0
+    method = settings.get("calibration", "platt")
+    calibration = fit_calibration(*validation, method=method) if validation else IDENTITY
     headline = settings.get("headline_margin", 0.25)
     by_margin: dict = {}
     for margin in margins_from(settings.get("test_margins", [0.0, 0.25, 0.5, None])):
@@ -124,7 +127,7 @@ def evaluate_recipe(network: torch.nn.Module, variant: str, test: Sequence[Mappi
     main = by_margin[headline]
     raw = [r["prob_malignant"] for r in main["records"]]
     labels = [r["label"] for r in main["records"]]
-    calibrated = scale_probabilities(raw, temperature).tolist()
+    calibrated = calibration.apply(raw).tolist()
     summary = binary_metrics(calibrated, labels)
     for margin, result in by_margin.items():
         summary[margin_key(margin)] = result["summary"]["auc"]
@@ -138,7 +141,13 @@ def evaluate_recipe(network: torch.nn.Module, variant: str, test: Sequence[Mappi
             summary["auc_saliency_box"] = localised["summary"]["auc"]
     summary["ece"] = expected_calibration_error(calibrated, labels)
     summary["ece_uncalibrated"] = expected_calibration_error(raw, labels)
-    summary["temperature"] = temperature
+    if validation:
+        other = "temperature" if method == "platt" else "platt"
+        summary[f"ece_{other}"] = expected_calibration_error(fit_calibration(*validation, method=other).apply(raw), labels)
+    summary["temperature"] = calibration.temperature
+    summary["calibration_shift"] = calibration.shift
+    summary["calibration_method"] = calibration.method
     summary["headline_margin"] = margin_label(headline)
     records = [{**r, "prob_malignant": p, "prob_uncalibrated": q} for r, p, q in zip(main["records"], calibrated, raw)]
-    return {"test": summary, "records": records, "temperature": temperature}
+    return {"test": summary, "records": records, "temperature": calibration.temperature,
+            "calibration": calibration.record()}

@@ -78,9 +78,9 @@ def test_calibrate_command_sets_the_validation_operating_point(tmp_path, small_m
 
 
 def test_calibrate_command_folds_a_temperature_into_the_weights(tmp_path, small_model):
-    """By default ``calibrate`` also calibrates the probabilities: the served probabilities become
-    the old ones with their logits divided by the fitted temperature (ranking unchanged), the
-    threshold is Youden's on them, and the file records the temperature and the ECE."""
+    """``calibrate --method temperature``: the served probabilities become the old ones with
+    their logits divided by the fitted temperature (ranking unchanged), the threshold is Youden's
+    on them, and the file records the temperature and the ECE."""
     from thyroid_plugin.calibration import expected_calibration_error, fit_temperature, scale_probabilities
 
     model = tmp_path / "m.pt"
@@ -89,8 +89,8 @@ def test_calibrate_command_folds_a_temperature_into_the_weights(tmp_path, small_
     csv_path = write_csv(rows, tmp_path / "val.csv")
     before = [NodulePredictor(model).predict(r["file"]).probabilities["malignant"] for r in rows]
     labels = [int(r["label"] == "malignant") for r in rows]
-    out = subprocess.run([str(REPO / ".venv" / "bin" / "thyroid-nodule"), "calibrate", "--csv", str(csv_path), "--model", str(model)],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "thyroid-nodule"), "calibrate", "--csv", str(csv_path), "--model", str(model),
+                          "--method", "temperature"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     t = fit_temperature(before, labels)
@@ -102,10 +102,43 @@ def test_calibrate_command_folds_a_temperature_into_the_weights(tmp_path, small_
     assert payload["calibration"]["val_ece_after"] == pytest.approx(expected_calibration_error(payload["validation"]["prob_malignant"], labels))
     assert payload["threshold"] == pytest.approx(youden_threshold(payload["validation"]["prob_malignant"], labels))
     # calibrating again does not compound the temperature
-    again = subprocess.run([str(REPO / ".venv" / "bin" / "thyroid-nodule"), "calibrate", "--csv", str(csv_path), "--model", str(model)],
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run([str(REPO / ".venv" / "bin" / "thyroid-nodule"), "calibrate", "--csv", str(csv_path), "--model", str(model),
+                            "--method", "temperature"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["calibration"]["temperature"] == pytest.approx(t, rel=0.02)
+
+
+def test_calibrate_command_folds_platt_scaling_into_the_weights_by_default(tmp_path, small_model):
+    """``calibrate`` (Platt scaling, the default): the served probabilities become
+    ``sigmoid(scale * logit(p) + shift)`` of the old ones with the fitted scale and shift, the
+    threshold is Youden's on them, and calibrating again, even after a temperature, does not
+    compound: it starts from the file's uncalibrated logits."""
+    from thyroid_plugin.calibration import calibrate_probabilities, fit_platt
+
+    model = tmp_path / "m.pt"
+    shutil.copyfile(small_model, model)
+    rows = ddti_subset(3, 6, offset=48)  # mostly malignant, as DDTI: the shift matters
+    csv_path = write_csv(rows, tmp_path / "val.csv")
+    before = [NodulePredictor(model).predict(r["file"]).probabilities["malignant"] for r in rows]
+    labels = [int(r["label"] == "malignant") for r in rows]
+    cli = [str(REPO / ".venv" / "bin" / "thyroid-nodule"), "calibrate", "--csv", str(csv_path), "--model", str(model)]
+    out = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)["calibration"]
+    scale, shift = fit_platt(before, labels)
+    assert record["method"] == "platt"
+    assert record["scale"] == pytest.approx(scale, rel=1e-3) and record["shift"] == pytest.approx(shift, abs=1e-3)
+    after = [NodulePredictor(model).predict(r["file"]).probabilities["malignant"] for r in rows]
+    assert after == pytest.approx(calibrate_probabilities(before, scale, shift).tolist(), abs=3e-3)  # fp16 weights in the file
+    payload = load_checkpoint(model)
+    assert payload["threshold"] == pytest.approx(youden_threshold(payload["validation"]["prob_malignant"], labels))
+    for method in ("temperature", "platt"):  # a temperature in between, then Platt again: the same answer
+        again = subprocess.run(cli + ["--method", method], capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr
+    record = json.loads(again.stdout)["calibration"]
+    assert record["scale"] == pytest.approx(scale, rel=0.02) and record["shift"] == pytest.approx(shift, abs=0.02)
+    again = [NodulePredictor(model).predict(r["file"]).probabilities["malignant"] for r in rows]
+    assert again == pytest.approx(after, abs=5e-3)
 
 
 SCORES = ([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.3], [1, 1, 1, 0, 1, 0, 0])

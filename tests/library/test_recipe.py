@@ -13,8 +13,12 @@ import torch
 from monai.transforms import Compose
 
 from thyroid_plugin.calibration import (
+    calibrate_probabilities,
     expected_calibration_error,
+    fit_calibration,
+    fit_platt,
     fit_temperature,
+    fold_calibration,
     fold_temperature,
     plot_reliability,
     reliability_bins,
@@ -180,6 +184,32 @@ def test_temperature_scaling_recovers_an_over_confident_model():
     assert fit_temperature([0.2, 0.9], [1, 1]) == 1.0
 
 
+def test_platt_scaling_corrects_a_prior_shift_that_a_temperature_cannot():
+    """A network trained class-balanced answers near 0.5 where most nodules are malignant (the
+    DDTI case): the probabilities need a shift. Platt scaling finds the scale and the shift that
+    generated the labels, brings the ECE down where the temperature leaves it high, and keeps
+    the ranking."""
+    rng = np.random.default_rng(1)
+    d = rng.normal(0, 1.5, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-(0.8 * d + 1.6)))).astype(int)  # about 4 in 5 malignant
+    p = 1 / (1 + np.exp(-d))
+    scale, shift = fit_platt(p, y)
+    assert scale == pytest.approx(0.8, abs=0.1) and shift == pytest.approx(1.6, abs=0.15)
+    temperature = fit_temperature(p, y)
+    ece_t = expected_calibration_error(scale_probabilities(p, temperature), y)
+    ece_p = expected_calibration_error(calibrate_probabilities(p, scale, shift), y)
+    assert ece_t > 0.1 and ece_p < 0.03
+    order = np.argsort(p)
+    assert np.all(np.diff(calibrate_probabilities(p, scale, shift)[order]) >= 0)
+    # a separable validation set (a few cases) still gives a finite, bounded answer
+    scale, shift = fit_platt([0.1, 0.2, 0.6, 0.7, 0.9], [0, 0, 1, 1, 1])
+    assert 0.05 <= scale <= 20.0 and np.isfinite(shift)
+    assert fit_platt([0.2, 0.9], [1, 1]) == (1.0, 0.0)
+    assert fit_calibration(p, y, "temperature").shift == 0.0
+    with pytest.raises(ValueError):
+        fit_calibration(p, y, "isotonic")
+
+
 def test_ece_matches_its_definition_on_a_small_example():
     p = [0.05, 0.15, 0.12, 0.85, 0.95, 0.55]
     y = [0, 0, 1, 1, 1, 0]
@@ -197,6 +227,11 @@ def test_folding_the_temperature_divides_the_logits(tmp_path):
         before = net(x).logits
         after = fold_temperature(net, 2.5)(x).logits
     assert torch.allclose(after, before / 2.5, atol=1e-5)
+    # Platt: the malignant-minus-benign logit becomes scale * d + shift (here after the 1/2.5)
+    with torch.no_grad():
+        platt = fold_calibration(net, 1.3, -0.7)(x).logits
+    d_before, d_after = after[:, 1] - after[:, 0], platt[:, 1] - platt[:, 0]
+    assert torch.allclose(d_after, 1.3 * d_before - 0.7, atol=1e-5)
     path = plot_reliability({"a": ([0.1, 0.8, 0.7, 0.3], [0, 1, 0, 1])}, str(tmp_path / "rel.png"))
     assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -241,8 +276,13 @@ def test_medium_protocol_pretrains_fine_tunes_and_reports_margins_and_calibratio
     runs = sorted((out / "runs" / "ddti").glob("fold*/single_branch.json"))
     assert len(runs) == 5
     test = json.loads(runs[0].read_text())["test"]
-    for key in ("auc_tight", "auc_25", "auc_50", "auc_whole", "auc_saliency_box", "ece", "ece_uncalibrated", "temperature"):
+    for key in ("auc_tight", "auc_25", "auc_50", "auc_whole", "auc_saliency_box", "ece", "ece_uncalibrated", "temperature",
+                "ece_temperature", "calibration_shift"):
         assert key in test
+    assert test["calibration_method"] == "platt"
+    # the best epoch's validation predictions are kept, so calibrations can be compared later
+    kept_val = json.loads(runs[0].read_text())["validation"]
+    assert len(kept_val["prob_malignant"]) == len(kept_val["label"]) > 0
     assert test["headline_margin"] == "25%"
     entry = results["datasets"]["ddti"]["single_branch"]
     assert "auc_whole" in entry and "ece" in entry

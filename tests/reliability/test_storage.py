@@ -175,6 +175,71 @@ def test_a_write_that_fails_changes_nothing_not_even_in_memory(tmp_path, frames)
     check_studies_consistent(studies)
 
 
+class CountingWrites(ConfirmedCasesDatastore):
+    """The server's datastore, counting its datastore-file writes; ``fail`` makes them fail as on a full disk."""
+    writes = 0
+    fail = False
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super()._update_datastore_file(lock)
+        self.writes += 1
+
+
+def test_a_batch_of_labels_is_saved_in_one_datastore_write_and_bad_ones_are_named(tmp_path, frames):
+    """The batch route's save: every good label stored (file and record, as ``save_label``
+    stores one) with one write of the datastore file; a label that cannot be stored (a mask off
+    its image's grid, an image the store does not hold, a file that is no image) is named with
+    a reason and stops nothing else."""
+    studies = tmp_path / "studies"
+    ds = CountingWrites(str(studies))
+    ids = []
+    for r in frames:
+        ids.append(ds.add_image(Path(r["file"]).stem, r["file"], {"case": r["case"]}))
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "notes.png").write_text("not a mask")
+    labels = [(i, r["mask"], {"model": "m", "params": {"probability": 0.25 * k}}) for k, (i, r) in enumerate(zip(ids, frames))]
+    labels[1] = (ids[1], str(tmp_path / "small.png"), {"model": "m"})
+    labels[3] = (ids[3], str(tmp_path / "notes.png"), {"model": "m"})
+    labels.append(("not_in_the_store", frames[0]["mask"], {"model": "m"}))
+    ds.writes = 0
+    errors = ds.save_labels(labels, "original")
+    assert ds.writes == 1
+    assert set(errors) == {ids[1], ids[3], "not_in_the_store"}
+    assert all(isinstance(m, str) and m and "\n" not in m for m in errors.values()), errors
+    assert "not found" in errors["not_in_the_store"]
+    reopened = ConfirmedCasesDatastore(str(studies))  # what a restarted server sees
+    for k in (0, 2):
+        assert reopened.get_label_info(ids[k], "original")["params"] == {"probability": 0.25 * k}
+        assert Path(reopened.get_label_uri(ids[k], "original")).read_bytes() == Path(frames[k]["mask"]).read_bytes()
+    assert reopened.get_labels_by_image_id(ids[1]) == {} and reopened.get_labels_by_image_id(ids[3]) == {}
+    check_studies_consistent(studies)
+
+
+def test_a_batch_of_labels_that_cannot_be_recorded_changes_nothing(tmp_path, frames):
+    """Disk full while the batch's record is written: the save fails as a whole, no label file
+    and no temporary file is left, the labels saved before are kept, and nothing of the failed
+    batch is written later by the next successful change."""
+    studies = tmp_path / "studies"
+    ds = CountingWrites(str(studies))
+    ids = [ds.add_image(Path(r["file"]).stem, r["file"], {}) for r in frames]
+    assert ds.save_labels([(ids[0], frames[0]["mask"], {"n": 1})], "original") == {}
+    before = {p.name: p.read_bytes() for p in (studies / "labels" / "original").iterdir()}
+    ds.fail = True
+    with pytest.raises(OSError):
+        ds.save_labels([(i, r["mask"], {"n": 2}) for i, r in zip(ids, frames)], "original")
+    assert {p.name: p.read_bytes() for p in (studies / "labels" / "original").iterdir()} == before
+    assert partial_files(studies) == []
+    assert ds.get_label_info(ids[0], "original") == {"n": 1, "ts": ds.get_label_info(ids[0], "original")["ts"],
+                                                     "name": f"{ids[0]}.png"}
+    ds.fail = False
+    ds.update_image_info(ids[1], {"case": "later"})
+    saved = json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    assert [i for i in ids if saved[i]["labels"]] == [ids[0]]
+    check_studies_consistent(studies)
+
+
 @pytest.mark.slow
 def test_kill_during_a_label_save_leaves_the_old_or_the_new_label(tmp_path, frames):
     """SIGKILL a process while it writes a label (caught while its ``.partial`` file exists):

@@ -11,12 +11,16 @@
 
 from .atomic import (
     PARTIAL_SUFFIX,
+    StagedFile,
     atomic_copy_file,
     atomic_write_bytes,
     atomic_write_json,
     is_partial_file,
     json_safe,
     process_umask,
+    stage_copy,
+    sync_directory,
+    transient_file,
 )
 from .bounded import DEFAULT_MAX_PIXELS
 from .formats import (
@@ -41,6 +45,7 @@ __all__ = [
     "PARTIAL_SUFFIX",
     "PathLike",
     "SUFFIXES",
+    "StagedFile",
     "UltrasoundImage",
     "atomic_copy_file",
     "atomic_write_bytes",
@@ -54,6 +59,9 @@ __all__ = [
     "load_image",
     "mask_suffix",
     "process_umask",
+    "stage_copy",
+    "sync_directory",
     "to_network_channels",
+    "transient_file",
     "write_mask",
 ]

@@ -17,8 +17,8 @@ import numpy as np
 
 from .image import PathLike
 
-__all__ = ["PARTIAL_SUFFIX", "atomic_copy_file", "atomic_write_bytes", "atomic_write_json", "is_partial_file",
-           "json_safe", "process_umask"]
+__all__ = ["PARTIAL_SUFFIX", "StagedFile", "atomic_copy_file", "atomic_write_bytes", "atomic_write_json", "is_partial_file",
+           "json_safe", "process_umask", "stage_copy", "sync_directory", "transient_file"]
 
 
 #: suffix of the temporary files the atomic writers below create next to their destination
@@ -33,28 +33,70 @@ def is_partial_file(name: str) -> bool:
     return base.startswith(".") and (base.endswith(PARTIAL_SUFFIX) or base.startswith(".tmp-"))
 
 
+class StagedFile:
+    """A new version of ``path``, complete and flushed to disk under a hidden temporary name
+    next to it (``.<name>.<random>.partial``), waiting to replace ``path``.
+
+    :meth:`commit` renames it over ``path`` (readers, and a restart after a crash, see the old
+    file or the whole new one); :meth:`discard` removes it. Staging several files before
+    committing any lets a caller record them all in one write (see the datastore's
+    ``save_labels``). If ``write(fp)`` fails (a full disk) nothing is left behind.
+    """
+
+    def __init__(self, path: PathLike, write) -> None:
+        self.path = os.fspath(path)
+        self.directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)[:96]}.", suffix=PARTIAL_SUFFIX,
+                                        dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as fp:
+                os.fchmod(fp.fileno(), 0o666 & ~process_umask())  # mkstemp makes 0600; give the usual permissions
+                write(fp)
+                fp.flush()
+                os.fsync(fp.fileno())
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self, sync: bool = True) -> None:
+        """Rename the staged file over ``path``; with ``sync`` make the rename durable
+        (callers committing many files into one folder sync it once, see :func:`sync_directory`)."""
+        os.replace(self.tmp, self.path)
+        if sync:
+            sync_directory(self.directory)
+
+    def discard(self) -> None:
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def stage_copy(src: PathLike, dst: PathLike) -> StagedFile:
+    """A :class:`StagedFile` holding a copy of ``src``, waiting to replace ``dst``."""
+    return StagedFile(dst, _copier(src))
+
+
+def _copier(src: PathLike):
+    def write(fp) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, fp, 1 << 20)
+
+    return write
+
+
 def _atomic_write(path: PathLike, write, before_replace=None) -> None:
     """Write a file next to ``path`` with ``write(fp)``, flush it to disk, then rename it over
     ``path``: readers (and a restart after a crash) see the old file or the whole new one.
     ``before_replace()``, if given, runs once the new file is complete; if it raises, ``path``
     is left as it was."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)[:96]}.", suffix=PARTIAL_SUFFIX, dir=directory)
+    staged = StagedFile(path, write)
     try:
-        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as fp:
-            write(fp)
-            fp.flush()
-            os.fsync(fp.fileno())
         if before_replace is not None:
             before_replace()
-        os.replace(tmp, path)
+        os.replace(staged.tmp, staged.path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        staged.discard()
         raise
-    _fsync_directory(directory)
+    sync_directory(staged.directory)
 
 
 def process_umask() -> int:
@@ -87,8 +129,8 @@ def _umask_from_proc() -> Optional[int]:
     return None
 
 
-def _fsync_directory(directory: str) -> None:
-    """Make a rename in ``directory`` durable (best effort: not every file system allows it)."""
+def sync_directory(directory: PathLike) -> None:
+    """Make renames in ``directory`` durable (best effort: not every file system allows it)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -118,12 +160,25 @@ def atomic_copy_file(src: PathLike, dst: PathLike, before_replace=None) -> None:
             ``dst`` (e.g. to record it somewhere first); if it raises, ``dst`` is left as it was
             and the copy is removed.
     """
+    _atomic_write(dst, _copier(src), before_replace)
 
-    def write(fp) -> None:
-        with open(src, "rb") as source:
-            shutil.copyfileobj(source, fp, 1 << 20)
 
-    _atomic_write(dst, write, before_replace)
+def transient_file(data: bytes, suffix: str, prefix: str) -> str:
+    """A new temporary file holding ``data``, for a reader that copies it into place atomically
+    and durably itself (the datastore) or streams it back and deletes it (MONAI Label's answer):
+    not flushed to disk, not renamed. The caller deletes it; if writing fails nothing is left.
+
+    Returns:
+        its path (ending in ``suffix``).
+    """
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix=prefix)
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
 
 
 def json_safe(value: Any) -> Any:

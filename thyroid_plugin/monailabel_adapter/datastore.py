@@ -29,15 +29,15 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
-from monailabel.interfaces.exception import ImageNotFoundException
+from monailabel.interfaces.exception import ImageNotFoundException, MONAILabelException
 
 from ..constants import CLASS_NAMES, DIAGNOSIS_FIELD
-from ..errors import first_line
-from ..io import atomic_copy_file, atomic_write_bytes, detect_format, load_image
+from ..errors import ThyroidPluginError, first_line
+from ..io import atomic_copy_file, atomic_write_bytes, detect_format, load_image, stage_copy, sync_directory
 from ..studies import (
     IMAGE_PATTERNS,
     StudiesFolderError,
@@ -249,17 +249,44 @@ class ConfirmedCasesDatastore(LocalDatastore):
         return image_id
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
-        check_id(image_id)
         check_tag(label_tag)
+        ext, info, confirms = self._checked_label(image_id, label_filename, label_info)
+        return self._locked_update(self._store_label, image_id, label_filename, label_tag, ext, info, confirms)
+
+    def save_labels(self, labels: Sequence[Tuple[str, str, Dict[str, Any]]], label_tag: str) -> Dict[str, str]:
+        """Save several labels of one tag, each checked and written atomically as by
+        :meth:`save_label`, with one write of the datastore file for all of them (a batch's
+        results: rewriting the whole file per label made saving grow with the store).
+
+        Args:
+            labels: ``(image_id, label file, label info)``, one per image.
+
+        Returns:
+            the images whose label was not saved, each with a one-line reason (not an image of
+            this store, a mask off the image's grid, ...); every other label is saved.
+        """
+        check_tag(label_tag)
+        checked, errors = [], {}
+        for image_id, filename, info in labels:
+            try:
+                checked.append((image_id, filename, *self._checked_label(image_id, filename, info)))
+            except (ThyroidPluginError, MONAILabelException, OSError) as e:
+                errors[image_id] = _reason(e)
+        if checked:
+            errors.update(self._locked_update(self._store_labels, checked, label_tag))
+        return errors
+
+    def _checked_label(self, image_id: str, label_filename: str, label_info: Dict[str, Any]):
+        """``(stored suffix, info, whether it confirms a diagnosis)`` of a label file for
+        ``image_id``, after checking it is a readable 2D mask on the stored image's grid."""
+        check_id(image_id)
         info = dict(label_info or {})
         check_finite(info, "label info")
         image = self._stored_image(image_id)
         check_label_fits(load_image(label_filename), image)  # a readable 2D mask on the image's grid
         confirms = info.get(DIAGNOSIS_FIELD) is not None
         info = validate_image_info(info, image.shape)
-        del image
-        ext = stored_suffix(label_filename)
-        return self._locked_update(self._store_label, image_id, label_filename, label_tag, ext, info, confirms)
+        return stored_suffix(label_filename), info, confirms
 
     def _store_label(self, image_id: str, src: str, tag: str, ext: str, info: Dict[str, Any], confirms: bool) -> str:
         obj = self._datastore.objects.get(image_id)
@@ -272,18 +299,59 @@ class ConfirmedCasesDatastore(LocalDatastore):
         old = obj.labels.get(tag)
 
         def record() -> None:  # the file is complete on disk: record it, then it takes its name
-            obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
-            if confirms and tag == DefaultLabelTag.FINAL.value:
-                # the diagnosis goes into the image info in the same write: both or neither
-                obj.image.info[DIAGNOSIS_FIELD] = info[DIAGNOSIS_FIELD]
-                if info.get("roi") is not None:
-                    obj.image.info["roi"] = info["roi"]
+            self._record_label(obj, tag, name, ext, info, confirms)
             self._update_datastore_file()
 
         atomic_copy_file(src, os.path.join(label_dir, name), before_replace=record)
         if old is not None and old.ext != ext:
             _remove_if_present(os.path.join(label_dir, self._filename(image_id, old.ext)))
         return image_id
+
+    def _store_labels(self, checked, tag: str) -> Dict[str, str]:
+        """:meth:`_store_label` for many: every file is staged (complete, flushed) next to its
+        place, then all are recorded in one datastore write, then all take their names. A crash
+        leaves each label old or whole; a failed staging (a full disk) fails its image only."""
+        label_dir = self._datastore.label_path(tag)
+        os.makedirs(label_dir, exist_ok=True)
+        staged, errors = [], {}
+        try:
+            for image_id, src, ext, info, confirms in checked:
+                obj = self._datastore.objects.get(image_id)
+                if obj is None:  # removed since it was checked
+                    errors[image_id] = f"image {image_id} not found"
+                    continue
+                name = self._filename(image_id, ext)
+                try:
+                    file = stage_copy(src, os.path.join(label_dir, name))
+                except OSError as e:
+                    errors[image_id] = _reason(e)
+                    continue
+                staged.append((obj, image_id, name, ext, info, confirms, obj.labels.get(tag), file))
+            if not staged:
+                return errors
+            logger.info("saving %d labels %s", len(staged), tag)
+            for obj, _, name, ext, info, confirms, _, _ in staged:
+                self._record_label(obj, tag, name, ext, info, confirms)
+            self._update_datastore_file()
+        except BaseException:
+            for *_, file in staged:
+                file.discard()
+            raise
+        for obj, image_id, _, ext, _, _, old, file in staged:
+            file.commit(sync=False)
+            if old is not None and old.ext != ext:
+                _remove_if_present(os.path.join(label_dir, self._filename(image_id, old.ext)))
+        sync_directory(label_dir)
+        return errors
+
+    @staticmethod
+    def _record_label(obj, tag: str, name: str, ext: str, info: Dict[str, Any], confirms: bool) -> None:
+        obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
+        if confirms and tag == DefaultLabelTag.FINAL.value:
+            # the diagnosis goes into the image info in the same write: both or neither
+            obj.image.info[DIAGNOSIS_FIELD] = info[DIAGNOSIS_FIELD]
+            if info.get("roi") is not None:
+                obj.image.info["roi"] = info["roi"]
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         check_id(image_id)
@@ -332,8 +400,7 @@ class ConfirmedCasesDatastore(LocalDatastore):
 
         def write() -> None:
             self._ignore_event_config = True
-            payload = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-            atomic_write_bytes(self._datastore_config_path, payload.encode())
+            atomic_write_bytes(self._datastore_config_path, _datastore_json(self._datastore))
             self._config_ts = file_stamp(self._datastore_config_path)
 
         if lock:
@@ -341,6 +408,24 @@ class ConfirmedCasesDatastore(LocalDatastore):
                 write()
         else:
             write()
+
+
+def _datastore_json(datastore) -> bytes:
+    """The datastore file's content: MONAI Label's layout (indented JSON, no ``base_path``),
+    written by pydantic's serializer (about 8x faster than ``json.dumps`` with an indent, which
+    runs in pure Python: 90 ms for a store of 1,000 images with a result each); ``json.dumps``
+    as MONAI Label does it for infos pydantic cannot serialize."""
+    from pydantic_core import PydanticSerializationError
+
+    try:
+        return datastore.model_dump_json(exclude={"base_path"}, indent=2).encode()
+    except PydanticSerializationError:
+        return json.dumps(datastore.model_dump(exclude={"base_path"}), indent=2, default=str).encode()
+
+
+def _reason(error: BaseException) -> str:
+    """One line for a label that was not saved (MONAI Label's exceptions keep it in ``msg``)."""
+    return first_line(getattr(error, "msg", None) or error)
 
 
 def _remove_if_present(path: str) -> None:

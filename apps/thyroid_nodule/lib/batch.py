@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any, Callable, Dict
 
@@ -28,7 +27,7 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 
 from thyroid_plugin.constants import TASK_NAME
 from thyroid_plugin.errors import ThyroidPluginError
-from thyroid_plugin.io import encode_mask, load_image, mask_suffix
+from thyroid_plugin.io import encode_mask, load_image, mask_suffix, transient_file
 from thyroid_plugin.studies import InvalidRequestError, check_tag
 
 from .infers.classify_nodule import ClassifyNodule, result_json
@@ -97,20 +96,13 @@ class PersistingBatchInfer(BatchInferTask):
                             preds.append(err)
                 t2 = time.perf_counter()
                 phases["classify"] += t2 - t1
+                done_preds = []
                 for (image_id, image, _), pred in zip(loaded, preds):
                     if isinstance(pred, Exception):
                         results[image_id] = {"error": str(pred)}
-                        continue
-                    result = result_json(pred, image)
-                    # a transient file the datastore copies atomically (and durably) into place: no fsync here
-                    fd, path = tempfile.mkstemp(suffix=mask_suffix(image), prefix="batch-")
-                    try:
-                        with os.fdopen(fd, "wb") as fp:
-                            fp.write(encode_mask(image, pred.saliency_uint8()))
-                        datastore.save_label(image_id, path, tag, {"model": model, "params": result})
-                    finally:
-                        os.unlink(path)
-                    results[image_id] = result
+                    else:
+                        done_preds.append((image_id, image, pred))
+                results.update(_save_results(datastore, done_preds, tag, model))
                 phases["save"] += time.perf_counter() - t2
             done += len(chunk)
             print(f"[batch] {done}/{len(image_ids)} images", flush=True)
@@ -129,6 +121,32 @@ PROGRESS_KEY = "batch_progress"
 def progress_line(done: int, total: int) -> str:
     """The batch's progress record: one line of JSON, ``done`` of ``total`` images."""
     return json.dumps({PROGRESS_KEY: {"done": int(done), "total": int(total), "unit": "images"}})
+
+
+def _save_results(datastore: Datastore, preds, tag: str, model: str) -> Dict[str, Any]:
+    """Store each ``(image_id, image, prediction)``'s mask and result JSON as its label ``tag``,
+    with one datastore write for the chunk where the datastore can (``save_labels``); an image
+    whose label is not saved gets an ``error`` instead of its result."""
+    results: Dict[str, Any] = {}
+    labels = []  # the masks go to transient files the datastore copies atomically and durably: no fsync here
+    try:
+        for image_id, image, pred in preds:
+            results[image_id] = result_json(pred, image)
+            path = transient_file(encode_mask(image, pred.saliency_uint8()), mask_suffix(image), "batch-")
+            labels.append((image_id, path, {"model": model, "params": results[image_id]}))
+        save_labels = getattr(datastore, "save_labels", None)
+        if save_labels is not None:
+            errors = save_labels(labels, tag)
+        else:  # e.g. the archive: its labels are objects in the archive, written one by one
+            errors = {}
+            for image_id, path, info in labels:
+                datastore.save_label(image_id, path, tag, info)
+    finally:
+        for _, path, _ in labels:
+            os.unlink(path)
+    for image_id, reason in errors.items():
+        results[image_id] = {"error": f"the result could not be saved: {reason}"}
+    return results
 
 
 def _results_already_stored(datastore: Datastore, task: ClassifyNodule, image_ids) -> set:

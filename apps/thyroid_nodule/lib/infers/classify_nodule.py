@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -15,7 +14,7 @@ from thyroid_plugin.constants import CLASS_NAMES
 from thyroid_plugin.errors import InvalidImageError, ModelNotFoundError
 from thyroid_plugin.inference import NodulePredictor, Prediction
 from thyroid_plugin.studies import InvalidRequestError
-from thyroid_plugin.io import DEFAULT_MAX_PIXELS, UltrasoundImage, encode_mask, json_safe, load_image, mask_suffix
+from thyroid_plugin.io import DEFAULT_MAX_PIXELS, UltrasoundImage, encode_mask, json_safe, load_image, mask_suffix, transient_file
 
 from ..http import http_errors
 
@@ -66,7 +65,7 @@ class ClassifyNodule(BasicInferTask):
 
     Attributes:
         result_store: the app's datastore. Each finished classification is handed to its
-            ``keep_result(image_path, mask_path, result)`` when it has one (the archive's, which
+            ``keep_result(image_path, mask_bytes, result)`` when it has one (the archive's, which
             writes the results of archive frames back in the background); others ignore it.
     """
 
@@ -162,13 +161,8 @@ class ClassifyNodule(BasicInferTask):
         result = json_safe(result_json(pred, image, ".nrrd" if as_nrrd else mask_suffix(image)))  # JSON has no NaN
         self._hand_over(data.get("image"), native, result)  # the archive keeps the frame's own format
         # a transient file that MONAI Label streams back and deletes: no fsync, no rename
-        fd, path = tempfile.mkstemp(suffix=".nrrd" if as_nrrd else mask_suffix(image), prefix="saliency-")
-        try:
-            with os.fdopen(fd, "wb") as fp:
-                fp.write(encode_mask(image, pred.saliency_uint8(), as_nrrd=True) if as_nrrd else native)
-        except BaseException:
-            os.unlink(path)
-            raise
+        mask = encode_mask(image, pred.saliency_uint8(), as_nrrd=True) if as_nrrd else native
+        path = transient_file(mask, ".nrrd" if as_nrrd else mask_suffix(image), "saliency-")
         return path, result
 
     # ---------------------------------------------------------------------------- batch path
