@@ -534,9 +534,33 @@ def _attach_handlers(trainer: Engine, selection: _BestModelSelection, settings: 
     tensorboard = _tensorboard(out / "tensorboard") if is_main and settings.tensorboard else None
     trainer.add_event_handler(Events.EPOCH_COMPLETED, _EpochReport(stats, stats_paths, loss, tensorboard, is_main))
     if selection.val_loader is not None and settings.early_stop_patience > 0:
-        trainer.add_event_handler(Events.EPOCH_COMPLETED(event_filter=selection.is_validation_epoch), EarlyStopping(
-            settings.early_stop_patience, lambda engine: _key_score(engine.state.last_val, settings.key_metric), trainer))
+        stopper = EarlyStopping(settings.early_stop_patience, lambda engine: _key_score(engine.state.last_val, settings.key_metric),
+                                trainer)
+        # a resumed run continues counting where it stopped (a new handler would start from
+        # scratch and train up to `patience` epochs more than the same run uninterrupted)
+        stopper.best_score, stopper.counter = early_stopping_state(stats.get("history") or [], trainer.state.epoch,
+                                                                   settings.key_metric)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(event_filter=selection.is_validation_epoch), stopper)
     return tensorboard
+
+
+def early_stopping_state(history: Sequence[Mapping[str, Any]], epoch: int, key_metric: str) -> tuple[Optional[float], int]:
+    """``(best score, validations without improvement)`` of early stopping after ``epoch``,
+    replayed from the run's history records (those with validation figures, ``val_*``), by
+    ignite's ``EarlyStopping`` rule (a score not above the best counts; ``None``: no validation yet)."""
+    best, counter = None, 0
+    for record in history:
+        if record.get("epoch", 0) > epoch:
+            break  # written after the checkpoint the run resumes from
+        metrics = {k[4:]: (float("nan") if v is None else v) for k, v in record.items() if k.startswith("val_")}
+        if "loss" not in metrics:
+            continue  # not a validation epoch
+        score = _key_score(metrics, key_metric)
+        if best is None or score > best:
+            best, counter = score, 0
+        else:
+            counter += 1
+    return best, counter
 
 
 def _run(trainer: Engine, train_loader, epochs: int, stats: dict, stats_paths: Sequence[Path], tensorboard) -> dict:

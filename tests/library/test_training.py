@@ -102,6 +102,46 @@ def test_resume_continues_from_the_checkpoint(run, tmp_path):
     assert json.loads((out / "train_stats.json").read_text())["history"] == history
 
 
+def test_early_stopping_is_replayed_from_the_history():
+    """What early stopping has counted after an epoch, from the run's history: validation
+    epochs only, ignite's rule (not above the best counts), records after the checkpoint ignored."""
+    from thyroid_plugin.engine import early_stopping_state
+
+    aucs = [0.46, 0.51, 0.54, 0.41, 0.63, 0.52, 0.63, None, 0.60]
+    history = [{"epoch": e, "train_loss": 1.0, **({"val_auc": a, "val_loss": 0.6} if e != 3 else {})}
+               for e, a in enumerate(aucs, start=1)]
+    assert early_stopping_state(history, 9, "auc") == (0.63, 4)  # 0.52, 0.63 (a tie), no AUC (-loss), 0.60
+    assert early_stopping_state(history, 5, "auc") == (0.63, 0)
+    assert early_stopping_state(history, 2, "auc") == (0.51, 0)
+    assert early_stopping_state(history[:3], 3, "auc") == (0.51, 0)  # epoch 3 was not validated
+    assert early_stopping_state([], 0, "auc") == (None, 0)
+
+
+def test_a_resumed_run_keeps_counting_towards_early_stopping(run, tmp_path):
+    """A run interrupted when its best epoch lay ``patience - 1`` validations back stops after
+    its next validation without improvement, as it would have uninterrupted, instead of
+    counting ``patience`` epochs afresh (the medium protocol's folds resume across sessions)."""
+    source, items, _ = run
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    stats_file = out / "train_stats.json"
+    stats = json.loads(stats_file.read_text())
+    # the history as a run whose first epoch was unbeatable would have left it
+    for record in stats["history"]:
+        record["val_auc"] = 2.0 if record["epoch"] == 1 else 0.5
+    stats.update(best_metric=2.0, best_metric_epoch=1)
+    stats_file.write_text(json.dumps(stats))
+    settings = {**SETTINGS, "early_stop_patience": 4}
+    train = [d for n, d in enumerate(items) if n % 4 != 3]
+    val = [d for n, d in enumerate(items) if n % 4 == 3]
+    torch.manual_seed(0)
+    network = SaliencyGuidedClassifier()
+    resumed = fit(network, SaliencyGuidedLoss("wellposed", class_weights="balanced"), torch.optim.Adam(network.parameters(), lr=1e-4),
+                  train, val, out, {**settings, "epochs": 10}, device="cpu", resume=True)
+    # epochs 2-4 counted 3 of 4; epoch 5 is the 4th validation without beating epoch 1: stop
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
+
+
 def test_resuming_a_finished_run_trains_nothing_more(tmp_path):
     small = {"base_channels": 8, "num_scales": 3, "saliency_channels": [4, 8, 8, 8, 8, 8], "head_hidden": 16}
     items = datalist_from_csv(write_csv(ddti_subset(2, 2, offset=50), tmp_path / "data.csv"))
