@@ -12,7 +12,9 @@ Evaluation of one trained network on a test set (:func:`evaluate_recipe`):
   probabilities calibrated on the validation predictions (``settings["calibration"]``:
   ``platt``, the default, or ``temperature``); the expected calibration error before and after,
   and that of the other method too (``ece_temperature`` / ``ece_platt``), so the two can be
-  compared on the same runs;
+  compared on the same runs; accuracy, sensitivity, specificity, F1 and balanced accuracy at the
+  operating point the product would serve (Youden's J on the calibrated validation predictions,
+  ``threshold``);
 - saliency against the mask on whole frames (where the map and the mask share a grid);
 - a whole frame without a box, classified on the crop its own saliency map points at
   (``auc_saliency_box``: the saliency network as a nodule localiser).
@@ -29,7 +31,7 @@ import torch
 from .calibration import IDENTITY, expected_calibration_error, fit_calibration
 from .data import datalist_from_csv, grouped_split
 from .lesion import FrameCache, box_from_saliency, LesionCropd, RandLesionCropd, margin_box, margin_label, margins_from
-from .metrics import binary_metrics
+from .metrics import binary_metrics, youden_threshold
 from .transforms import augmentation_transforms
 from .us_augment import ultrasound_shift_transforms
 
@@ -128,7 +130,11 @@ def evaluate_recipe(network: torch.nn.Module, variant: str, test: Sequence[Mappi
     raw = [r["prob_malignant"] for r in main["records"]]
     labels = [r["label"] for r in main["records"]]
     calibrated = calibration.apply(raw).tolist()
-    summary = binary_metrics(calibrated, labels)
+    # the operating point the product would serve: Youden's J on the calibrated validation
+    # predictions (after a shift towards the malignant share, 0.5 no longer balances the classes)
+    threshold = youden_threshold(calibration.apply(validation[0]).tolist(), validation[1]) if validation else 0.5
+    summary = binary_metrics(calibrated, labels, threshold)
+    summary["threshold"] = threshold
     for margin, result in by_margin.items():
         summary[margin_key(margin)] = result["summary"]["auc"]
     whole = by_margin.get(None)

@@ -283,6 +283,14 @@ def test_medium_protocol_pretrains_fine_tunes_and_reports_margins_and_calibratio
     # the best epoch's validation predictions are kept, so calibrations can be compared later
     kept_val = json.loads(runs[0].read_text())["validation"]
     assert len(kept_val["prob_malignant"]) == len(kept_val["label"]) > 0
+    # the headline's operating point is the one the product would serve: Youden's J on the
+    # calibrated validation predictions, and the test's sensitivity is taken at it
+    from thyroid_plugin.metrics import youden_threshold
+
+    calibrated_val = fit_calibration(kept_val["prob_malignant"], kept_val["label"], "platt").apply(kept_val["prob_malignant"])
+    assert test["threshold"] == pytest.approx(youden_threshold(calibrated_val.tolist(), kept_val["label"]))
+    malignant = [r["prob_malignant"] for r in json.loads(runs[0].read_text())["records"] if r["label"] == 1]
+    assert test["sensitivity"] == pytest.approx(np.mean([p >= test["threshold"] for p in malignant]))
     assert test["headline_margin"] == "25%"
     entry = results["datasets"]["ddti"]["single_branch"]
     assert "auc_whole" in entry and "ece" in entry
