@@ -238,7 +238,7 @@ def _calibrated_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], scale:
         return weight, None
     bias = bias.float() * float(scale)
     if shift != 0.0:
-        bias = bias + torch.tensor([-shift / 2.0, shift / 2.0])
+        bias = bias + torch.tensor([-shift / 2.0, shift / 2.0], device=bias.device)
     return weight, bias
 
 

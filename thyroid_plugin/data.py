@@ -185,7 +185,7 @@ def _read_datastore_folder(studies: Path) -> list[tuple[str, str, dict, str]]:
     if not config.is_file():
         raise DatalistError(f"{studies} is not a MONAI Label studies folder (no datastore_v2.json)")
     try:
-        store = json.loads(config.read_text())
+        store = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DatalistError(f"cannot read {config}: {e}") from None
     images_dir = studies / store.get("images_dir", ".")

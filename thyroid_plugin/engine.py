@@ -400,6 +400,9 @@ def _resume(out: Path, to_load: dict, stats: dict, device: torch.device) -> bool
         previous = json.loads((out / "train_stats.json").read_text())
         stats.update({k: previous[k] for k in ("best_metric", "best_metric_epoch", "metrics", "history", "model", "start_ts")
                       if previous.get(k) is not None})
+        # epochs recorded after the checkpoint (the process died between the two writes) are run again
+        epoch = to_load["trainer"].state.epoch
+        stats["history"] = [h for h in stats.get("history") or [] if h.get("epoch", 0) <= epoch]
     logger.info("resumed from %s at epoch %d", last[-1].name, to_load["trainer"].state.epoch)
     return True
 
@@ -501,9 +504,11 @@ def fit(
         trainer = Engine(make_train_step(forward_model, network, loss_fn, optimizer, scaler, device, settings))
         stats = _initial_stats(settings, train_list, val_list, device, dtype)
         to_save = {"trainer": trainer, "network": network, "optimizer": optimizer, "scaler": scaler}
-        if resume and _resume(out, to_save, stats, device) and trainer.state.epoch >= settings.epochs:
-            # a finished run stays finished (ignite would start a finished engine afresh)
-            logger.info("the run in %s already finished %d epochs; nothing to resume", out, trainer.state.epoch)
+        if resume and _resume(out, to_save, stats, device) and (trainer.state.epoch >= settings.epochs or _stopped_early(
+                stats, trainer.state.epoch, settings, val_loader is not None)):
+            # a finished run stays finished (ignite would start a finished engine afresh), and so
+            # does one that early stopping ended (its last checkpoint is of the stop epoch)
+            logger.info("the run in %s already finished at epoch %d; nothing to resume", out, trainer.state.epoch)
             return {**stats, **json.loads((out / "train_stats.json").read_text())} if (out / "train_stats.json").is_file() else stats
         if sampler is not None:
             trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
@@ -544,6 +549,13 @@ def _attach_handlers(trainer: Engine, selection: _BestModelSelection, settings: 
     return tensorboard
 
 
+def _stopped_early(stats: Mapping[str, Any], epoch: int, settings: "TrainSettings", validated: bool) -> bool:
+    """Whether early stopping had ended the run by ``epoch`` (its count replayed from the history)."""
+    if not validated or settings.early_stop_patience <= 0:
+        return False
+    return early_stopping_state(stats.get("history") or [], epoch, settings.key_metric)[1] >= settings.early_stop_patience
+
+
 def early_stopping_state(history: Sequence[Mapping[str, Any]], epoch: int, key_metric: str) -> tuple[Optional[float], int]:
     """``(best score, validations without improvement)`` of early stopping after ``epoch``,
     replayed from the run's history records (those with validation figures, ``val_*``), by
@@ -556,7 +568,7 @@ def early_stopping_state(history: Sequence[Mapping[str, Any]], epoch: int, key_m
         if "loss" not in metrics:
             continue  # not a validation epoch
         score = _key_score(metrics, key_metric)
-        if best is None or score > best:
+        if best is None or not score <= best:  # ignite's test: a NaN score counts as an improvement
             best, counter = score, 0
         else:
             counter += 1

@@ -45,7 +45,7 @@ from .losses import SaliencyGuidedLoss
 from .metrics import METRIC_NAMES, binary_metrics
 from .networks import BASELINES, BaselineClassifier, SaliencyGuidedClassifier
 from .calibration import plot_reliability
-from .recipe import CropInputs, evaluate_recipe, pretraining_split, recipe_train_list
+from .recipe import CropInputs, evaluate_recipe, pretraining_split, recipe_train_list, rescore, scored_by
 from .reports import plot_roc, saliency_vs_mask
 
 __all__ = ["PROTOCOLS", "VARIANTS", "Split", "build_splits", "run_protocol", "summarize"]
@@ -300,6 +300,8 @@ def run_protocol(
             done += 1
             result_path = out_dir / "runs" / split.dataset / split.name / f"{variant}.json"
             if result_path.is_file():
+                if crops is not None:
+                    _rescore_if_older(result_path, settings.get("calibration", "platt"))
                 continue
             t0, cpu0 = time.time(), time.process_time()
             run_dir = result_path.parent / f"{variant}_train"
@@ -362,6 +364,25 @@ def _train_variant(variant: str, settings: Mapping[str, Any], train: Sequence[Ma
     network.to("cpu").to(memory_format=torch.contiguous_format)
     info = best.get("train") or {}
     return network, {"epoch": info.get("epoch"), "metrics": best.get("metrics"), "validation": best.get("validation")}
+
+
+def _rescore_if_older(result_path: Path, method: str) -> None:
+    """Bring a finished run scored by an earlier rule (a temperature, a 0.5 cut) to today's
+    (:func:`thyroid_plugin.recipe.rescore`), from the validation predictions it keeps or, for
+    runs written before they were kept, its kept model file's; left as it is (with a warning)
+    when neither has them."""
+    result = json.loads(result_path.read_text())
+    if scored_by(result, method):
+        return
+    validation = _validation_of(result)
+    kept = result_path.with_suffix(".pt")
+    if validation is None and kept.is_file():
+        validation = _validation_of(torch.load(kept, map_location="cpu", weights_only=True))
+    if validation is None or not all("prob_uncalibrated" in r for r in result.get("records", [])):
+        logger.warning("%s was scored by an earlier rule and keeps no validation predictions: left as it is", result_path)
+        return
+    atomic_write_json(result_path, rescore(result, validation, method))
+    logger.info("%s: calibrated figures recomputed by today's rule", result_path)
 
 
 def _validation_of(best: Mapping) -> Optional[tuple[list, list]]:

@@ -117,8 +117,6 @@ def evaluate_recipe(network: torch.nn.Module, variant: str, test: Sequence[Mappi
 
     Returns ``{"test": summary, "records": per image, "temperature": T, "calibration": record}``."""
     settings = inputs.settings
-    method = settings.get("calibration", "platt")
-    calibration = fit_calibration(*validation, method=method) if validation else IDENTITY
     headline = settings.get("headline_margin", 0.25)
     by_margin: dict = {}
     for margin in margins_from(settings.get("test_margins", [0.0, 0.25, 0.5, None])):
@@ -129,12 +127,7 @@ def evaluate_recipe(network: torch.nn.Module, variant: str, test: Sequence[Mappi
     main = by_margin[headline]
     raw = [r["prob_malignant"] for r in main["records"]]
     labels = [r["label"] for r in main["records"]]
-    calibrated = calibration.apply(raw).tolist()
-    # the operating point the product would serve: Youden's J on the calibrated validation
-    # predictions (after a shift towards the malignant share, 0.5 no longer balances the classes)
-    threshold = youden_threshold(calibration.apply(validation[0]).tolist(), validation[1]) if validation else 0.5
-    summary = binary_metrics(calibrated, labels, threshold)
-    summary["threshold"] = threshold
+    summary, calibrated, calibration = calibrated_figures(raw, labels, validation, settings.get("calibration", "platt"))
     for margin, result in by_margin.items():
         summary[margin_key(margin)] = result["summary"]["auc"]
     whole = by_margin.get(None)
@@ -145,6 +138,29 @@ def evaluate_recipe(network: torch.nn.Module, variant: str, test: Sequence[Mappi
         if whole["maps"]:
             localised = evaluate(network, variant, saliency_boxed(test, whole["maps"], headline or 0.25), inputs.prepare)
             summary["auc_saliency_box"] = localised["summary"]["auc"]
+    summary["headline_margin"] = margin_label(headline)
+    records = [{**r, "prob_malignant": p, "prob_uncalibrated": q} for r, p, q in zip(main["records"], calibrated, raw)]
+    return {"test": summary, "records": records, "temperature": calibration.temperature,
+            "calibration": calibration.record()}
+
+
+#: the fields :func:`calibrated_figures` computes (what :func:`rescore` replaces in a finished run)
+CALIBRATED_FIELDS = ("threshold", "ece", "ece_uncalibrated", "ece_platt", "ece_temperature", "temperature",
+                     "calibration_shift", "calibration_method")
+
+
+def calibrated_figures(raw: Sequence[float], labels: Sequence[int], validation: Optional[tuple[Sequence[float], Sequence[int]]],
+                       method: str):
+    """The headline figures of uncalibrated test probabilities ``raw``: calibrated by ``method``
+    fitted on ``validation``, the threshold metrics at the operating point the product would
+    serve (Youden's J on the calibrated validation predictions: after a shift towards the
+    malignant share, 0.5 no longer balances the classes), the ECE before and after, and after
+    the other method. Returns ``(summary, calibrated probabilities, calibration)``."""
+    calibration = fit_calibration(*validation, method=method) if validation else IDENTITY
+    calibrated = calibration.apply(raw).tolist()
+    threshold = youden_threshold(calibration.apply(validation[0]).tolist(), validation[1]) if validation else 0.5
+    summary = binary_metrics(calibrated, labels, threshold)
+    summary["threshold"] = threshold
     summary["ece"] = expected_calibration_error(calibrated, labels)
     summary["ece_uncalibrated"] = expected_calibration_error(raw, labels)
     if validation:
@@ -153,7 +169,26 @@ def evaluate_recipe(network: torch.nn.Module, variant: str, test: Sequence[Mappi
     summary["temperature"] = calibration.temperature
     summary["calibration_shift"] = calibration.shift
     summary["calibration_method"] = calibration.method
-    summary["headline_margin"] = margin_label(headline)
-    records = [{**r, "prob_malignant": p, "prob_uncalibrated": q} for r, p, q in zip(main["records"], calibrated, raw)]
-    return {"test": summary, "records": records, "temperature": calibration.temperature,
-            "calibration": calibration.record()}
+    return summary, calibrated, calibration
+
+
+def scored_by(result: Mapping, method: str) -> bool:
+    """Whether a finished run's figures follow today's rule (``method``, the served threshold)."""
+    test = result.get("test") or {}
+    return test.get("calibration_method") == method and "threshold" in test
+
+
+def rescore(result: dict, validation: tuple[Sequence[float], Sequence[int]], method: str) -> dict:
+    """A finished run (a protocol result) with its calibrated figures computed again by
+    :func:`calibrated_figures` from its kept uncalibrated test probabilities and ``validation``,
+    so that runs scored by an earlier rule are averaged with today's alike. Threshold-free
+    figures (AUCs, saliency) stay as they were."""
+    raw = [r["prob_uncalibrated"] for r in result["records"]]
+    labels = [int(r["label"]) for r in result["records"]]
+    summary, calibrated, _ = calibrated_figures(raw, labels, validation, method)
+    test = {k: v for k, v in result["test"].items() if k not in CALIBRATED_FIELDS}
+    result = {**result, "test": {**test, **summary},
+              "records": [{**r, "prob_malignant": p} for r, p in zip(result["records"], calibrated)],
+              "validation": {"prob_malignant": list(validation[0]), "label": list(validation[1])}}
+    result["rescored"] = f"calibrated figures recomputed ({method}, threshold at Youden's J on the calibrated validation)"
+    return result

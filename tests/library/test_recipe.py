@@ -296,11 +296,19 @@ def test_medium_protocol_pretrains_fine_tunes_and_reports_margins_and_calibratio
     assert "auc_whole" in entry and "ece" in entry
     assert (out / "reliability_ddti.png").is_file() and (out / "roc_ddti.png").is_file()
     assert "auc_25" in (out / "tables.md").read_text()
-    # resumable: a second run trains nothing
+    # a finished run scored by an earlier rule (a temperature, a 0.5 cut, as before 2026-12-03)
+    old = json.loads(runs[1].read_text())
+    fresh_test = dict(old["test"])
+    old["test"] = {k: v for k, v in old["test"].items() if k != "threshold"}
+    old["test"].update(calibration_method="temperature", sensitivity=0.123)
+    runs[1].write_text(json.dumps(old))
+    # resumable: a second run trains nothing, and brings the older result to today's rule
     stamp = runs[0].stat().st_mtime_ns
     messages.clear()
     run_protocol(out, "medium", ["ddti"], ["single_branch"], root, overrides, progress=messages.append)
     assert not messages and runs[0].stat().st_mtime_ns == stamp
+    rescored = json.loads(runs[1].read_text())
+    assert rescored["test"] == pytest.approx(fresh_test) and "rescored" in rescored
 
 
 def test_a_validation_split_of_a_few_cases_works():

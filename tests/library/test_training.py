@@ -115,6 +115,10 @@ def test_early_stopping_is_replayed_from_the_history():
     assert early_stopping_state(history, 2, "auc") == (0.51, 0)
     assert early_stopping_state(history[:3], 3, "auc") == (0.51, 0)  # epoch 3 was not validated
     assert early_stopping_state([], 0, "auc") == (None, 0)
+    # ignite's comparison: a NaN score is never "not above the best", so it counts as a new best
+    nan_auc_and_loss = [{"epoch": 1, "val_auc": 0.6, "val_loss": 0.5}, {"epoch": 2, "val_auc": None, "val_loss": None}]
+    best, counter = early_stopping_state(nan_auc_and_loss, 2, "auc")
+    assert best != best and counter == 0
 
 
 def test_a_resumed_run_keeps_counting_towards_early_stopping(run, tmp_path):
@@ -130,16 +134,26 @@ def test_a_resumed_run_keeps_counting_towards_early_stopping(run, tmp_path):
     for record in stats["history"]:
         record["val_auc"] = 2.0 if record["epoch"] == 1 else 0.5
     stats.update(best_metric=2.0, best_metric_epoch=1)
+    # and a record of an epoch 5 whose checkpoint was never written (the process died in between)
+    stats["history"].append({**stats["history"][-1], "epoch": 5, "val_auc": 0.1})
     stats_file.write_text(json.dumps(stats))
     settings = {**SETTINGS, "early_stop_patience": 4}
     train = [d for n, d in enumerate(items) if n % 4 != 3]
     val = [d for n, d in enumerate(items) if n % 4 == 3]
-    torch.manual_seed(0)
-    network = SaliencyGuidedClassifier()
-    resumed = fit(network, SaliencyGuidedLoss("wellposed", class_weights="balanced"), torch.optim.Adam(network.parameters(), lr=1e-4),
-                  train, val, out, {**settings, "epochs": 10}, device="cpu", resume=True)
-    # epochs 2-4 counted 3 of 4; epoch 5 is the 4th validation without beating epoch 1: stop
+
+    def resume():
+        torch.manual_seed(0)
+        network = SaliencyGuidedClassifier()
+        return fit(network, SaliencyGuidedLoss("wellposed", class_weights="balanced"), torch.optim.Adam(network.parameters(), lr=1e-4),
+                   train, val, out, {**settings, "epochs": 10}, device="cpu", resume=True)
+
+    resumed = resume()
+    # epochs 2-4 counted 3 of 4; epoch 5 (trained again, its stale record dropped) is the 4th
+    # validation without beating epoch 1: stop
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
+    assert resumed["history"][-1]["val_auc"] != 0.1
+    # a run that early stopping ended stays ended when resumed (its checkpoint is of epoch 5 of 10)
+    assert [h["epoch"] for h in resume()["history"]] == [1, 2, 3, 4, 5]
 
 
 def test_resuming_a_finished_run_trains_nothing_more(tmp_path):
