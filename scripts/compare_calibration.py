@@ -19,29 +19,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from thyroid_plugin.calibration import expected_calibration_error, fit_calibration, plot_reliability  # noqa: E402
+from thyroid_plugin.evaluation import kept_validation  # noqa: E402
 
 
 def nll(prob, labels) -> float:
     p = np.clip(np.asarray(prob, float), 1e-7, 1 - 1e-7)
     y = np.asarray(labels, float)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
-
-
-def validation_of(run: dict, path: Path):
-    record = run.get("validation")
-    if not record:
-        kept = path.with_suffix(".pt")
-        if not kept.is_file():
-            return None
-        record = torch.load(kept, map_location="cpu", weights_only=True).get("validation")
-    if not record:
-        return None
-    return list(record["prob_malignant"]), [int(v) for v in record["label"]]
 
 
 def main() -> int:
@@ -58,7 +46,7 @@ def main() -> int:
     splits, pooled = {}, {"raw": [], "temperature": [], "platt": [], "label": []}
     for path in paths:
         run = json.loads(path.read_text())
-        validation = validation_of(run, path)
+        validation = kept_validation(path, run)
         if validation is None:
             print(f"{path}: no validation predictions kept; skipped", file=sys.stderr)
             continue

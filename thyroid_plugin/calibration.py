@@ -302,9 +302,7 @@ def calibrate_model_file(path: str, prob_malignant: Sequence[float], labels: Seq
     fitted = fit_calibration(raw, labels, method)
     weight, bias = payload["state_dict"][f"{name}.weight"], payload["state_dict"].get(f"{name}.bias")
     # back to the raw layer, then the new calibration (one composition: no rounding drift)
-    raw_w, raw_b = _calibrated_layer(weight, bias, 1.0 / previous.scale, 0.0)
-    if raw_b is not None and previous.shift != 0.0:
-        raw_b = raw_b - torch.tensor([-previous.shift / 2.0, previous.shift / 2.0]) / previous.scale
+    raw_w, raw_b = _calibrated_layer(weight, bias, 1.0 / previous.scale, -previous.shift / previous.scale)
     new_w, new_b = _calibrated_layer(raw_w, raw_b, fitted.scale, fitted.shift)
     payload["state_dict"][f"{name}.weight"] = new_w.to(weight.dtype)
     if bias is not None:

@@ -374,15 +374,23 @@ def _rescore_if_older(result_path: Path, method: str) -> None:
     result = json.loads(result_path.read_text())
     if scored_by(result, method):
         return
-    validation = _validation_of(result)
-    kept = result_path.with_suffix(".pt")
-    if validation is None and kept.is_file():
-        validation = _validation_of(torch.load(kept, map_location="cpu", weights_only=True))
+    validation = kept_validation(result_path, result)
     if validation is None or not all("prob_uncalibrated" in r for r in result.get("records", [])):
         logger.warning("%s was scored by an earlier rule and keeps no validation predictions: left as it is", result_path)
         return
     atomic_write_json(result_path, rescore(result, validation, method))
     logger.info("%s: calibrated figures recomputed by today's rule", result_path)
+
+
+def kept_validation(result_path: Path, result: Mapping) -> Optional[tuple[list, list]]:
+    """The ``(probabilities, labels)`` of a finished run's best epoch on its validation set: kept
+    in the result, or, for runs written before they were, in the split's kept model file
+    (``<variant>.pt`` beside the result); ``None`` when neither has them."""
+    validation = _validation_of(result)
+    kept = Path(result_path).with_suffix(".pt")
+    if validation is None and kept.is_file():
+        validation = _validation_of(torch.load(kept, map_location="cpu", weights_only=True))
+    return validation
 
 
 def _validation_of(best: Mapping) -> Optional[tuple[list, list]]:

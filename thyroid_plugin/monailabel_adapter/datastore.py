@@ -250,8 +250,10 @@ class ConfirmedCasesDatastore(LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         check_tag(label_tag)
-        ext, info, confirms = self._checked_label(image_id, label_filename, label_info)
-        return self._locked_update(self._store_label, image_id, label_filename, label_tag, ext, info, confirms)
+        checked = (image_id, label_filename, *self._checked_label(image_id, label_filename, label_info))
+        if self._locked_update(self._store_labels, [checked], label_tag):
+            raise ImageNotFoundException(f"Image {image_id} not found")  # removed since it was checked
+        return image_id
 
     def save_labels(self, labels: Sequence[Tuple[str, str, Dict[str, Any]]], label_tag: str) -> Dict[str, str]:
         """Save several labels of one tag, each checked and written atomically as by
@@ -264,6 +266,9 @@ class ConfirmedCasesDatastore(LocalDatastore):
         Returns:
             the images whose label was not saved, each with a one-line reason (not an image of
             this store, a mask off the image's grid, ...); every other label is saved.
+
+        Raises:
+            OSError: a file or the record could not be written (a full disk): nothing is saved.
         """
         check_tag(label_tag)
         checked, errors = [], {}
@@ -288,50 +293,33 @@ class ConfirmedCasesDatastore(LocalDatastore):
         info = validate_image_info(info, image.shape)
         return stored_suffix(label_filename), info, confirms
 
-    def _store_label(self, image_id: str, src: str, tag: str, ext: str, info: Dict[str, Any], confirms: bool) -> str:
-        obj = self._datastore.objects.get(image_id)
-        if obj is None:
-            raise ImageNotFoundException(f"Image {image_id} not found")
-        logger.info("saving label %s of image %s", tag, image_id)
-        label_dir = self._datastore.label_path(tag)
-        os.makedirs(label_dir, exist_ok=True)
-        name = self._filename(image_id, ext)
-        old = obj.labels.get(tag)
-
-        def record() -> None:  # the file is complete on disk: record it, then it takes its name
-            self._record_label(obj, tag, name, ext, info, confirms)
-            self._update_datastore_file()
-
-        atomic_copy_file(src, os.path.join(label_dir, name), before_replace=record)
-        if old is not None and old.ext != ext:
-            _remove_if_present(os.path.join(label_dir, self._filename(image_id, old.ext)))
-        return image_id
-
     def _store_labels(self, checked, tag: str) -> Dict[str, str]:
-        """:meth:`_store_label` for many: every file is staged (complete, flushed) next to its
-        place, then all are recorded in one datastore write, then all take their names. A crash
-        leaves each label old or whole; a failed staging (a full disk) fails its image only."""
+        """Store checked labels (:meth:`_checked_label`): every file is staged (complete,
+        flushed) next to its place, then all are recorded in one datastore write (a diagnosis
+        goes into its image's info in the same write), then all take their names. A crash
+        leaves every file old or whole; a failed write (a full disk) leaves everything as it
+        was. Returns the images removed since they were checked."""
         label_dir = self._datastore.label_path(tag)
         os.makedirs(label_dir, exist_ok=True)
         staged, errors = [], {}
         try:
             for image_id, src, ext, info, confirms in checked:
                 obj = self._datastore.objects.get(image_id)
-                if obj is None:  # removed since it was checked
+                if obj is None:
                     errors[image_id] = f"image {image_id} not found"
                     continue
                 name = self._filename(image_id, ext)
-                try:
-                    file = stage_copy(src, os.path.join(label_dir, name))
-                except OSError as e:
-                    errors[image_id] = _reason(e)
-                    continue
-                staged.append((obj, image_id, name, ext, info, confirms, obj.labels.get(tag), file))
+                staged.append((obj, image_id, name, ext, info, confirms, obj.labels.get(tag),
+                               stage_copy(src, os.path.join(label_dir, name))))
             if not staged:
                 return errors
-            logger.info("saving %d labels %s", len(staged), tag)
+            logger.info("saving %d label(s) %s", len(staged), tag)
             for obj, _, name, ext, info, confirms, _, _ in staged:
-                self._record_label(obj, tag, name, ext, info, confirms)
+                obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
+                if confirms and tag == DefaultLabelTag.FINAL.value:
+                    obj.image.info[DIAGNOSIS_FIELD] = info[DIAGNOSIS_FIELD]
+                    if info.get("roi") is not None:
+                        obj.image.info["roi"] = info["roi"]
             self._update_datastore_file()
         except BaseException:
             for *_, file in staged:
@@ -343,15 +331,6 @@ class ConfirmedCasesDatastore(LocalDatastore):
                 _remove_if_present(os.path.join(label_dir, self._filename(image_id, old.ext)))
         sync_directory(label_dir)
         return errors
-
-    @staticmethod
-    def _record_label(obj, tag: str, name: str, ext: str, info: Dict[str, Any], confirms: bool) -> None:
-        obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
-        if confirms and tag == DefaultLabelTag.FINAL.value:
-            # the diagnosis goes into the image info in the same write: both or neither
-            obj.image.info[DIAGNOSIS_FIELD] = info[DIAGNOSIS_FIELD]
-            if info.get("roi") is not None:
-                obj.image.info["roi"] = info["roi"]
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         check_id(image_id)
