@@ -16,7 +16,16 @@ Why it is safe beside eager forwards of the same model in another thread:
   mutex to cast: a lock-order inversion that hung the server (the issue's thread dump). Without
   gradients the cache is never filled, and its mutex is never held while the GIL is wanted;
 - one compilation at a time in a process: inductor's ``freezing`` setting is process-wide and is
-  set only while a compilation traces.
+  set only while a compilation traces;
+- no plain ``torch.fx`` symbolic trace runs in the compiling thread. While an FX tracer traces,
+  ``torch.nn.Module.__call__`` and ``__getattr__`` are replaced process-wide by its hooks. The
+  tracers of AOT autograd and of inductor's pattern matcher (``make_fx``) pass the calls of
+  modules they do not trace straight through, but the plain ``torch.fx.Tracer`` raises
+  ``NameError: module is not installed as a submodule`` in every other thread's forward:
+  inductor symbolically traces a placeholder function once per process, at its first code
+  generation, and an eager forward at that moment answered HTTP 500 (CI, a cold start).
+  :meth:`CompiledNetworks.start` runs that one-time trace before the thread starts, on the
+  thread that serves the eager forwards (:func:`prepare_for_background_compilation`).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from torch import nn
 
 from .runtime import autocast
 
-__all__ = ["CompiledNetworks", "freeze_for_serving"]
+__all__ = ["CompiledNetworks", "freeze_for_serving", "prepare_for_background_compilation"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +56,21 @@ def freeze_for_serving(network: nn.Module) -> nn.Module:
     network.eval()
     network.requires_grad_(False)
     return network
+
+
+def prepare_for_background_compilation() -> None:
+    """Run, here and now, the one-time work of a first compilation in this process that would
+    break forwards running in other threads during a background compilation: inductor's
+    placeholder module, built by a plain ``torch.fx`` symbolic trace (cached for the process) at
+    its first code generation (see the module's docstring). Call it where no forward runs
+    concurrently. A ``torch`` without that helper has nothing to prepare."""
+    try:
+        from torch._inductor.loop_body import InterpreterShim
+    except ImportError:
+        return
+    dummy = getattr(InterpreterShim, "_dummy_gm", None)
+    if callable(dummy):
+        dummy()
 
 
 class CompiledNetworks:
@@ -108,7 +132,11 @@ class CompiledNetworks:
 
     # ------------------------------------------------------------------------------ compiling
     def start(self) -> "CompiledNetworks":
-        """Compile in a background thread; returns at once."""
+        """Compile in a background thread; returns at once. Call it from the thread that runs the
+        eager forwards (or where none runs): it first does, in the caller's thread, what must not
+        happen beside a forward (:func:`prepare_for_background_compilation`)."""
+        if self.batch_sizes and not self._cancelled.is_set():
+            prepare_for_background_compilation()
         threading.Thread(target=self.compile_all, name="compile-model", daemon=True).start()
         return self
 

@@ -54,7 +54,7 @@ def classify_until_compiled(server: MonaiLabelServer, frames: list[str], model: 
             except requests.Timeout:
                 pytest.fail(f"classification {answered} did not answer within 60 s while compiling; log: {server.tail()}")
         took = time.monotonic() - t0
-        assert r.status_code == 200, r.text
+        assert r.status_code == 200, f"{r.status_code} {r.text}; log: {server.tail()}"
         assert took <= ANSWER_WITHIN_S, f"classification {answered} took {took:.1f}s while compiling"
         answered += 1
         during += r.json()["model"] == model

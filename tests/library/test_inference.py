@@ -336,6 +336,51 @@ def test_background_compilation_serves_eagerly_until_ready_and_survives_failure(
     assert after.probabilities == pytest.approx(before.probabilities)
 
 
+def test_eager_forwards_beside_a_background_compilation_never_meet_a_plain_fx_trace(small_model, frames):
+    """While an FX tracer traces, ``torch.nn.Module.__call__`` is replaced process-wide; the plain
+    ``torch.fx.Tracer`` then makes every other thread's forward fail (``NameError: module is not
+    installed as a submodule``: an HTTP 500 in CI at a cold start, when inductor traced its
+    once-per-process placeholder in the compiling thread). A real background compilation from a
+    cold process state (that placeholder not built yet, inductor's caches off so code is
+    generated) is watched: every FX trace in the compiling thread must be one that passes
+    foreign module calls through (``make_fx``'s tracers), and eager classifications sent
+    throughout must all answer as the eager network does."""
+    import threading
+
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.loop_body import InterpreterShim
+    from torch.fx._symbolic_trace import Tracer
+    from torch.fx.experimental.proxy_tensor import PythonKeyTracer
+
+    traces: list[tuple[str, type]] = []
+    original_trace = Tracer.trace
+
+    def watched_trace(self, *args, **kwargs):
+        traces.append((threading.current_thread().name, type(self)))
+        return original_trace(self, *args, **kwargs)
+
+    InterpreterShim._dummy_gm.cache_clear()  # as in a new server process
+    eager = NodulePredictor(small_model, device="cpu", precision="fp32")
+    expected = {path: eager.predict(path).probabilities for path in frames}
+    with pytest.MonkeyPatch.context() as mp, \
+            inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        mp.setattr(Tracer, "trace", watched_trace)
+        p = NodulePredictor(small_model, device="cpu", precision="fp32", compile="background")
+        answered = 0
+        while p.info()["compiled"] == "compiling":
+            path = frames[answered % len(frames)]
+            assert p.predict(path).probabilities == pytest.approx(expected[path], abs=1e-5)
+            answered += 1
+        assert p.wait_compiled(timeout=600) == "ready"
+    compiling = [kind for thread, kind in traces if thread == "compile-model"]
+    assert compiling, "the compilation ran no FX trace: the watch saw nothing"
+    plain = [kind.__name__ for kind in compiling if not issubclass(kind, PythonKeyTracer)]
+    assert not plain, f"plain FX traces in the compiling thread: {plain}"
+    assert answered >= 3, answered  # the classifications did overlap the compilation
+    assert p.predict(frames[0]).probabilities == pytest.approx(expected[frames[0]], abs=1e-4)
+
+
 def test_served_frames_do_not_fault_in_fresh_memory(frames):
     """After warm-up a frame reuses the memory of the previous one: glibc's malloc is kept from
     returning freed activations to the OS (which cost ~10,000 page faults and ~25 ms per frame
