@@ -115,6 +115,7 @@ class LoadedModel:
     metrics: dict = field(default_factory=dict)
     created: Optional[str] = None
     train: dict = field(default_factory=dict)
+    calibration: Optional[dict] = None
 
 
 def load_model(
@@ -154,6 +155,7 @@ def load_model(
         threshold=float(payload.get("threshold", 0.5)), network_def=dict(payload["network_def"]),
         transforms=Compose(preprocess_transforms(size)), metrics=validation_metrics(payload, threshold),
         created=payload.get("created"), train=dict(payload.get("train", {})),
+        calibration=dict(payload["calibration"]) if isinstance(payload.get("calibration"), Mapping) else None,
     )
 
 
@@ -359,7 +361,9 @@ class NodulePredictor:
 
     def info(self) -> dict:
         """What the loaded model is: identity, validation metrics, creation time, input size,
-        precision, device and compilation (``compiled``: status; ``compiled_batch_sizes``: the
+        precision, device, how its probabilities were calibrated (``calibration``: the record of
+        :func:`thyroid_plugin.calibration.calibrate_model_file`, method, scale, shift, the
+        validation ECE before and after; ``None`` if never) and compilation (``compiled``: status; ``compiled_batch_sizes``: the
         batch sizes served by a compiled network now; ``compiled_ms_per_image`` and
         ``compiled_cost_vs_eager``: what an image costs in each, measured at its warm-up, which
         decides how batches are split, :func:`batch_plan`)."""
@@ -367,7 +371,7 @@ class NodulePredictor:
         return {"model": m.identity, "metrics": m.metrics, "created": m.created, "image_size": m.image_size,
                 "threshold": self.threshold, "network": m.network_def,
                 "precision": str(m.dtype).replace("torch.", "") if m.dtype else "fp32",
-                "device": str(self.device), "train": m.train,
+                "device": str(self.device), "train": m.train, "calibration": m.calibration,
                 "compiled": m.compiled.status, "compiled_batch_sizes": m.compiled.ready_sizes(),
                 "compiled_ms_per_image": {str(b): m.compiled.ms_per_image[b] for b in m.compiled.ready_sizes()
                                           if b in m.compiled.ms_per_image},

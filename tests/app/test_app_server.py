@@ -60,6 +60,8 @@ def test_info_describes_the_app_and_the_served_model(server, small_model):
     assert set(task["model"]["metrics"]) >= {"auc", "accuracy", "sensitivity", "specificity", "threshold"}
     # the thresholded figures are at the threshold the model serves with
     assert task["model"]["metrics"]["threshold"] == load_checkpoint(small_model)["threshold"]
+    # how its probabilities were calibrated, as the model file records it (None: never)
+    assert task["model"]["calibration"] == load_checkpoint(small_model).get("calibration")
     assert "classify_nodule" in info["trainers"]
     assert "uncertain" in info["strategies"]
     assert info["datastore"]["total"] == 8 and info["datastore"]["completed"] == 4

@@ -119,7 +119,9 @@ def test_calibrate_command_folds_platt_scaling_into_the_weights_by_default(tmp_p
     shutil.copyfile(small_model, model)
     rows = ddti_subset(3, 6, offset=48)  # mostly malignant, as DDTI: the shift matters
     csv_path = write_csv(rows, tmp_path / "val.csv")
-    before = [NodulePredictor(model).predict(r["file"]).probabilities["malignant"] for r in rows]
+    uncalibrated = NodulePredictor(model)
+    assert uncalibrated.info()["calibration"] is None
+    before = [uncalibrated.predict(r["file"]).probabilities["malignant"] for r in rows]
     labels = [int(r["label"] == "malignant") for r in rows]
     cli = [str(REPO / ".venv" / "bin" / "thyroid-nodule"), "calibrate", "--csv", str(csv_path), "--model", str(model)]
     out = subprocess.run(cli, capture_output=True, text=True, timeout=600)
@@ -128,7 +130,12 @@ def test_calibrate_command_folds_platt_scaling_into_the_weights_by_default(tmp_p
     scale, shift = fit_platt(before, labels)
     assert record["method"] == "platt"
     assert record["scale"] == pytest.approx(scale, rel=1e-3) and record["shift"] == pytest.approx(shift, abs=1e-3)
-    after = [NodulePredictor(model).predict(r["file"]).probabilities["malignant"] for r in rows]
+    calibrated = NodulePredictor(model)
+    served = calibrated.info()["calibration"]  # what /info says of the served model
+    assert served["method"] == "platt" and set(served) == set(record) - {"model"}
+    assert served == pytest.approx({k: v for k, v in record.items() if k not in ("model", "method")} | {"method": "platt"},
+                                   abs=1e-3)
+    after = [calibrated.predict(r["file"]).probabilities["malignant"] for r in rows]
     assert after == pytest.approx(calibrate_probabilities(before, scale, shift).tolist(), abs=3e-3)  # fp16 weights in the file
     payload = load_checkpoint(model)
     assert payload["threshold"] == pytest.approx(youden_threshold(payload["validation"]["prob_malignant"], labels))

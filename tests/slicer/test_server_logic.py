@@ -65,6 +65,8 @@ def test_test_connection_reports_app_model_and_metrics(logic, server):
     message = report.message()
     assert server.url in message and report.model in message and "auc" in message
     assert f"at threshold {report.metrics['threshold']:.2f}" in message  # the served threshold, as the server says
+    assert report.calibration == report.info["models"]["classify_nodule"]["model"]["calibration"]
+    assert ("Probabilities not calibrated" in message) == (report.calibration is None)
 
 
 def test_classify_gray_png_frame_mask_matches_direct_upload(logic, scene):

@@ -411,5 +411,12 @@ def test_validation_metrics_say_the_threshold_they_are_at():
     # a model whose thresholded figures are unknown at the served threshold: the AUC alone, no threshold
     report.metrics = {"auc": 0.9, "threshold": 0.879}
     assert "Model sha256:ab: validation auc 0.90." in report.message()
+    # whether the probability a user reads is calibrated, and how well, as the server's record says
+    assert "Probabilities not calibrated" in report.message()
+    report.calibration = {"method": "platt", "scale": 1.3, "shift": 0.9, "val_ece_before": 0.2694, "val_ece_after": 0.0313}
+    assert "Probabilities calibrated on validation cases (Platt scaling): calibration error 0.27 before, 0.03 after." \
+        in report.message()
+    report.calibration = {"method": "none"}
+    assert "Probabilities not calibrated" in report.message()
     done = TrainingProgress(status="DONE", epoch=1, total_epochs=1, metrics=served, published=True, model="sha256:cd")
     assert "validation auc 0.90, accuracy 0.81, sensitivity 0.77, specificity 1.00 at threshold 0.88;" in done.message()

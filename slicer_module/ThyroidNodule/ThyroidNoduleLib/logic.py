@@ -198,6 +198,8 @@ class ConnectionReport:
         auth: whether the server uses authentication.
         datastore: the datastore counts (``total``, ``completed``, ``diagnoses``).
         info: the whole ``/info`` answer.
+        calibration: how the model's probabilities were calibrated (the server's record:
+            ``method``, ``val_ece_before``, ``val_ece_after``, ...); ``None``: never.
     """
 
     url: str
@@ -208,6 +210,7 @@ class ConnectionReport:
     auth: bool
     datastore: Dict[str, Any]
     info: Dict[str, Any] = field(repr=False, default_factory=dict)
+    calibration: Optional[Dict[str, Any]] = None
 
     def message(self) -> str:
         """One paragraph for the user."""
@@ -215,6 +218,7 @@ class ConnectionReport:
         if self.model:
             shown = validation_text(self.metrics)
             parts.append(f"Model {self.model}" + (f": validation {shown}." if shown else " (no validation metrics)."))
+            parts.append(calibration_text(self.calibration))
         else:
             parts.append(f"No usable model: {self.model_error or 'none installed'}.")
         if self.datastore:
@@ -222,6 +226,22 @@ class ConnectionReport:
             parts.append(f"{self.datastore.get('total', 0)} images, {self.datastore.get('completed', 0)} confirmed "
                          f"({d.get('benign', 0)} benign, {d.get('malignant', 0)} malignant).")
         return " ".join(parts)
+
+
+CALIBRATION_METHODS = {"platt": "Platt scaling", "temperature": "temperature scaling"}
+
+
+def calibration_text(calibration: Optional[Dict[str, Any]]) -> str:
+    """Whether the malignancy probabilities a user reads are calibrated, e.g. ``Probabilities
+    calibrated on validation cases (Platt scaling): calibration error 0.27 before, 0.03 after.``"""
+    method = (calibration or {}).get("method")
+    if not method or method == "none":
+        return "Probabilities not calibrated: read them as scores, and the label by the threshold."
+    text = f"Probabilities calibrated on validation cases ({CALIBRATION_METHODS.get(method, method)})"
+    before, after = (calibration.get(k) for k in ("val_ece_before", "val_ece_after"))
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        text += f": calibration error {float(before):.2f} before, {float(after):.2f} after"
+    return text + "."
 
 
 def validation_text(metrics: Dict[str, Any]) -> str:
@@ -471,7 +491,8 @@ class NoduleLogic:
         model = task.get("model") if isinstance(task.get("model"), dict) else None
         return ConnectionReport(
             url=client.base_url, app=app, model=(model or {}).get("model"), metrics=dict((model or {}).get("metrics") or {}),
-            model_error=str(task.get("model_error") or ""), auth=auth, datastore=dict(info.get("datastore") or {}), info=info)
+            model_error=str(task.get("model_error") or ""), auth=auth, datastore=dict(info.get("datastore") or {}), info=info,
+            calibration=(model or {}).get("calibration") if isinstance((model or {}).get("calibration"), dict) else None)
 
     # ----------------------------------------------------------------------------- classify
     def _volume(self, volume):

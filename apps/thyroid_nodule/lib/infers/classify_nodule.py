@@ -117,8 +117,8 @@ class ClassifyNodule(BasicInferTask):
                 p = self.predictor()
             model = p.info()
             # a metric can be NaN (e.g. AUC on a one-class validation split): JSON has no NaN
-            keys = ("model", "metrics", "created", "image_size", "precision", "device", "compiled", "compiled_batch_sizes",
-                    "compiled_ms_per_image", "compiled_cost_vs_eager")
+            keys = ("model", "metrics", "created", "image_size", "precision", "device", "calibration", "compiled",
+                    "compiled_batch_sizes", "compiled_ms_per_image", "compiled_cost_vs_eager")
             info["model"] = json_safe({k: model[k] for k in keys})
             info["model"]["path"] = os.path.basename(p.model_path)
         except Exception as e:  # /info must answer even when the model is missing or damaged
