@@ -363,8 +363,8 @@ class NodulePredictor:
         """What the loaded model is: identity, validation metrics, creation time, input size,
         precision, device, how its probabilities were calibrated (``calibration``: the record of
         :func:`thyroid_plugin.calibration.calibrate_model_file`, method, scale, shift, the
-        validation ECE before and after; ``None`` if never) and compilation (``compiled``: status; ``compiled_batch_sizes``: the
-        batch sizes served by a compiled network now; ``compiled_ms_per_image`` and
+        validation ECE before and after; ``None`` if never) and compilation (``compiled``:
+        status; ``compiled_batch_sizes``: the batch sizes served by a compiled network now; ``compiled_ms_per_image`` and
         ``compiled_cost_vs_eager``: what an image costs in each, measured at its warm-up, which
         decides how batches are split, :func:`batch_plan`)."""
         m = self._model

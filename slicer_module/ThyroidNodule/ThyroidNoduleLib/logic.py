@@ -488,11 +488,12 @@ class NoduleLogic:
             raise BadResponseError(f"The server at {client.base_url} runs '{app}', which has no {TASK_NAME} model "
                                    f"(it serves: {', '.join(sorted(models)) or 'nothing'}). Start it with the thyroid_nodule app.")
         task = models[TASK_NAME] or {}
-        model = task.get("model") if isinstance(task.get("model"), dict) else None
+        model = task.get("model") if isinstance(task.get("model"), dict) else {}
+        calibration = model.get("calibration")
         return ConnectionReport(
-            url=client.base_url, app=app, model=(model or {}).get("model"), metrics=dict((model or {}).get("metrics") or {}),
+            url=client.base_url, app=app, model=model.get("model"), metrics=dict(model.get("metrics") or {}),
             model_error=str(task.get("model_error") or ""), auth=auth, datastore=dict(info.get("datastore") or {}), info=info,
-            calibration=(model or {}).get("calibration") if isinstance((model or {}).get("calibration"), dict) else None)
+            calibration=calibration if isinstance(calibration, dict) else None)
 
     # ----------------------------------------------------------------------------- classify
     def _volume(self, volume):
