@@ -78,7 +78,7 @@ def _add_protocol(sub) -> None:
 
     p = sub.add_parser("protocol", help="evaluation protocol: every variant on DDTI 5-fold, BUS-BRA official folds and cross-device; tables, ROC curves, overlays")
     p.add_argument("--out", required=True, help="output folder (re-running resumes: finished runs are kept)")
-    p.add_argument("--protocol", default="quick", choices=sorted(PROTOCOLS), help="quick (CPU smoke, 64 px, 4 epochs), medium (CPU, the product's recipe, 128 px until validation stops improving) or full (the paper's schedule, GPU)")
+    p.add_argument("--protocol", default="quick", choices=sorted(PROTOCOLS), help="quick (CPU smoke, 64 px, 4 epochs), medium (CPU, the product's recipe, 128 px until validation stops improving), compact (the medium recipe at 96 px, at most 8 + 20 epochs) or full (the paper's schedule, GPU)")
     p.add_argument("--datasets", default="ddti,busbra,busbra_cross", help="comma-separated: ddti, busbra, busbra_cross")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     p.add_argument("--data-root", help="folder with ddti/ and busbra/ (default ../shared/data)")

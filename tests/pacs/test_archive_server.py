@@ -141,9 +141,11 @@ def test_batch_stores_one_sr_and_one_saliency_per_frame_and_model(server, orthan
     r = requests.post(f"{server.url}/infer/classify_nodule", params={"image": source_uid, "output": "image"},
                       timeout=TIMEOUT)
     rest_mask = pydicom.dcmread(io.BytesIO(r.content)).pixel_array
-    # (batched and single-frame inference differ in the last bits of the network's output)
+    # (batched and single-frame inference differ in the last bits of the network's output; in
+    # bf16, served where the CPU has it, by 1-2 of 255 levels in up to one pixel in seven: the
+    # AVX-512 bf16 CPU measured max 2, mean 0.154. Another frame's mask would differ by far more)
     difference = np.abs(seg.pixel_array.astype(int) - rest_mask.astype(int))
-    assert difference.max() <= 2 and difference.mean() < 0.1, (difference.max(), difference.mean())
+    assert difference.max() <= 2 and difference.mean() < 0.5, (difference.max(), difference.mean())
     # again: nothing new is stored for the same model
     second = run_batch(server)
     assert second["failed"] == 0 and second["total"] == 6 and second["skipped"] == 6, second
