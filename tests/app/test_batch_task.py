@@ -48,8 +48,8 @@ def batch_parts(tmp_path, small_model):
     task = ClassifyNodule([str(small_model)], predictor_args={"compile": "off", "precision": "fp32"}, device="cpu")
     frames = ddti_subset(3, 3)
 
-    def make(store_cls=RecordingStore, **kw):
-        store = store_cls(str(tmp_path / "studies"), **kw)
+    def make(**kw):
+        store = RecordingStore(str(tmp_path / "studies"), **kw)
         for r in frames:
             store.add_image(Path(r["file"]).stem, r["file"], {"case": r["case"]})
         return PersistingBatchInfer(task, max_pixels=40_000_000, batch_size=CHUNK), store
