@@ -78,12 +78,14 @@ def _add_protocol(sub) -> None:
 
     p = sub.add_parser("protocol", help="evaluation protocol: every variant on DDTI 5-fold, BUS-BRA official folds and cross-device; tables, ROC curves, overlays")
     p.add_argument("--out", required=True, help="output folder (re-running resumes: finished runs are kept)")
-    p.add_argument("--protocol", default="quick", choices=sorted(PROTOCOLS), help="quick (CPU smoke, 64 px, 4 epochs), medium (CPU, the product's recipe, 128 px until validation stops improving), compact (the medium recipe at 96 px, at most 8 + 20 epochs) or full (the paper's schedule, GPU)")
-    p.add_argument("--datasets", default="ddti,busbra,busbra_cross", help="comma-separated: ddti, busbra, busbra_cross")
+    p.add_argument("--protocol", default="quick", choices=sorted(PROTOCOLS), help="quick (CPU smoke, 64 px, 4 epochs), medium (CPU, the product's recipe, 128 px until validation stops improving), compact (the medium recipe at 96 px, at most 8 + 20 epochs), gpu (the medium recipe at 224 px, all variants on DDTI and BUS-BRA cross-device, training capped at 5 minutes in all; for one GPU) or full (the paper's schedule, GPU)")
+    p.add_argument("--datasets", help="comma-separated: ddti, busbra, busbra_cross (default: the protocol's, else all three)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     p.add_argument("--data-root", help="folder with ddti/ and busbra/ (default ../shared/data)")
     p.add_argument("--epochs", type=int, help="override the protocol's epochs")
     p.add_argument("--image-size", type=int, help="override the protocol's input size")
+    p.add_argument("--pretrain-epochs", type=int, help="override the protocol's BUS-BRA pre-training epochs (recipe protocols)")
+    p.add_argument("--time-budget", type=float, help="seconds of training for the whole protocol, shared among its runs by training-set size (the gpu protocol's is 300)")
     p.add_argument("--ddti-recipe", choices=["alone", "mixed", "pretrain"],
                    help="medium protocol: DDTI folds alone, with BUS-BRA mixed in, or fine-tuned from BUS-BRA pre-training (default)")
     p.add_argument("--device", default="cpu")
@@ -248,16 +250,23 @@ def cmd_split(args) -> int:
 
 
 def cmd_protocol(args) -> int:
-    from .evaluation import VARIANTS, run_protocol
+    from .evaluation import PROTOCOLS, VARIANTS, run_protocol
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; use {list(VARIANTS)}")
-    overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size,
-                                   "ddti_recipe": args.ddti_recipe}.items() if v is not None}
-    results = run_protocol(Path(args.out), args.protocol, [d.strip() for d in args.datasets.split(",") if d.strip()],
-                           variants, Path(args.data_root) if args.data_root else None, overrides, args.device)
+    overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size, "ddti_recipe": args.ddti_recipe,
+                                   "pretrain_epochs": args.pretrain_epochs, "time_budget_s": args.time_budget}.items() if v is not None}
+    if args.datasets is not None:
+        datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    else:
+        datasets = list(PROTOCOLS[args.protocol].get("datasets") or ("ddti", "busbra", "busbra_cross"))
+    unknown = set(datasets) - {"ddti", "busbra", "busbra_cross"}
+    if unknown or not datasets:
+        raise ValueError(f"unknown datasets {sorted(unknown)}; use ddti, busbra, busbra_cross")
+    results = run_protocol(Path(args.out), args.protocol, datasets, variants, Path(args.data_root) if args.data_root else None,
+                           overrides, args.device)
     summary = {ds: {v: round(e["auc"][0], 4) for v, e in per.items()} for ds, per in results["datasets"].items()}
     print(json.dumps({"out": os.path.abspath(args.out), "mean_test_auc": summary}))
     return 0

@@ -87,6 +87,9 @@ class TrainSettings:
     tensorboard: bool = True
     max_grad_norm: Optional[float] = None
     augmentation: dict = field(default_factory=dict)
+    # stop after the epoch at which the run's epochs (validation included, resumed ones too)
+    # have taken this many seconds; None: no limit (a protocol sized in time, e.g. ``gpu``)
+    time_budget_s: Optional[float] = None
 
     @classmethod
     def from_mapping(cls, values: Optional[Mapping[str, Any]] = None, **overrides: Any) -> "TrainSettings":
@@ -505,7 +508,7 @@ def fit(
         stats = _initial_stats(settings, train_list, val_list, device, dtype)
         to_save = {"trainer": trainer, "network": network, "optimizer": optimizer, "scaler": scaler}
         if resume and _resume(out, to_save, stats, device) and (trainer.state.epoch >= settings.epochs or _stopped_early(
-                stats, trainer.state.epoch, settings, val_loader is not None)):
+                stats, trainer.state.epoch, settings, val_loader is not None) or _budget_spent(stats, settings)):
             # a finished run stays finished (ignite would start a finished engine afresh), and so
             # does one that early stopping ended (its last checkpoint is of the stop epoch)
             logger.info("the run in %s already finished at epoch %d; nothing to resume", out, trainer.state.epoch)
@@ -546,7 +549,21 @@ def _attach_handlers(trainer: Engine, selection: _BestModelSelection, settings: 
         stopper.best_score, stopper.counter = early_stopping_state(stats.get("history") or [], trainer.state.epoch,
                                                                    settings.key_metric)
         trainer.add_event_handler(Events.EPOCH_COMPLETED(event_filter=selection.is_validation_epoch), stopper)
+    if settings.time_budget_s is not None:
+        def stop_when_spent(engine: Engine) -> None:
+            if _budget_spent(stats, settings):
+                stats["stopped_by"] = "time budget"
+                engine.terminate()
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, stop_when_spent)
     return tensorboard
+
+
+def _budget_spent(stats: Mapping[str, Any], settings: "TrainSettings") -> bool:
+    """Whether the run's recorded epochs (``history`` ``time_s``) have used ``time_budget_s``."""
+    if settings.time_budget_s is None:
+        return False
+    return sum(float(h.get("time_s") or 0.0) for h in stats.get("history") or []) >= settings.time_budget_s
 
 
 def _stopped_early(stats: Mapping[str, Any], epoch: int, settings: "TrainSettings", validated: bool) -> bool:

@@ -22,6 +22,7 @@ network are scored with Grad-CAM of their last feature map (post-hoc, for compar
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -84,6 +85,19 @@ PROTOCOLS: dict[str, dict] = {
 # where the medium run takes 8-10 hours, longer than a development machine has kept its files
 PROTOCOLS["compact"] = {**PROTOCOLS["medium"], "image_size": 96, "epochs": 20, "early_stop_patience": 6,
                         "pretrain_epochs": 8}
+# one GPU, sized in time: the medium recipe at the paper's 224 px, Adam 1e-4 and loss weights
+# (each variant's own loss form), every variant on DDTI's 5 folds (from BUS-BRA pre-training) and
+# BUS-BRA cross-device. Training time is capped: ``time_budget_s`` for all the protocol's
+# training, shared among its runs by training-set size, each run stopping after the epoch that
+# spends its share (or earlier: patience, the epoch cap); evaluation and data preparation come on
+# top (about 3 minutes of an 8-minute budget set aside for them, on one H200: an estimate, not a
+# measurement, since no device has run it yet). ``num_workers`` loader processes keep the GPU fed
+# (the training crops and augmentation cost about 16 ms an image on one core of the 2-core
+# development VM, so 12 processes give some 750 images/s); evaluation runs on the device and
+# reuses the evaluation crops across variants.
+PROTOCOLS["gpu"] = {**PROTOCOLS["medium"], "image_size": 224, "lr": 1e-4, "batch_size": 32, "epochs": 30,
+                    "pretrain_epochs": 30, "early_stop_patience": 8, "time_budget_s": 300, "num_workers": 12,
+                    "cache_eval_inputs": True, "datasets": ["ddti", "busbra_cross"]}
 
 CROSS_DEVICE = {
     "logiq7_to_others": (["GE Logiq 7 @10-14MHz"], ["GE Logiq 5 @10-12MHz", "Toshiba Aplio 300 @12-14 MHz"]),
@@ -235,8 +249,9 @@ def _own_saliency(x: torch.Tensor, out) -> torch.Tensor:
 
 
 def evaluate_split(network: torch.nn.Module, name: str, items: Sequence[Mapping], prepare: Callable[[Mapping], torch.Tensor],
-                   batch_size: int = 32, keep_maps: Iterable[str] = ()) -> dict:
-    """Probabilities, classification metrics and saliency-vs-mask measures on ``items``.
+                   batch_size: int = 32, keep_maps: Iterable[str] = (), device: str | torch.device = "cpu") -> dict:
+    """Probabilities, classification metrics and saliency-vs-mask measures on ``items``, computed
+    on ``device`` (where ``network`` is).
 
     Saliency is the network's own map (resized back to each frame) or, without a saliency
     network, Grad-CAM. Returns per-image records, the summary and the kept maps."""
@@ -252,7 +267,7 @@ def evaluate_split(network: torch.nn.Module, name: str, items: Sequence[Mapping]
 
     batches = ({"image": torch.stack([prepare(d) for d in items[i : i + batch_size]]),
                 "label": torch.tensor([int(d["label"]) for d in items[i : i + batch_size]])} for i in range(0, len(items), batch_size))
-    predictions = predict(network, batches, torch.device("cpu"), saliency=saliency)
+    predictions = predict(network, batches, torch.device(device), saliency=saliency)
     keep = set(keep_maps)
     records, maps = [], {}
     for n, d in enumerate(items):
@@ -291,6 +306,8 @@ def run_protocol(
     splits = build_splits(data_root, datasets, settings["val_fraction"], settings["seed"])
     prepared = Preprocessed(settings["image_size"])
     crops = CropInputs(settings) if settings.get("crops") else None
+    budgets = run_budgets(splits, variants, settings, data_root)
+    evaluate = functools.partial(evaluate_split, device=device)
     if crops is not None:
         train_tf, val_tf = crops.train_transforms(), crops.val_transforms()
     else:
@@ -311,15 +328,19 @@ def run_protocol(
             t0, cpu0 = time.time(), time.process_time()
             run_dir = result_path.parent / f"{variant}_train"
             start = None
-            if crops is not None and split.dataset == "ddti" and settings.get("ddti_recipe") == "pretrain":
-                start = _pretrained(out_dir, variant, settings, data_root, train_tf, val_tf, device, progress)
+            if _pretrains(split, settings, crops):
+                start = _pretrained(out_dir, variant, settings, data_root, train_tf, val_tf, device, progress,
+                                    budgets.get(("pretrain", variant)))
             train = recipe_train_list(split.dataset, split.train, settings, data_root) if crops is not None else split.train
-            network, best = _train_variant(variant, settings, train, split.val, run_dir, train_tf, val_tf, device, start)
+            budget = budgets.get((split.dataset, split.name, variant))
+            network, best = _train_variant(variant, settings, train, split.val, run_dir, train_tf, val_tf, device, start,
+                                           time_budget_s=budget)
+            t_eval = time.time()
             if crops is not None:
-                evaluation = evaluate_recipe(network, variant, split.test, crops, _validation_of(best), evaluate_split)
+                evaluation = evaluate_recipe(network, variant, split.test, crops, _validation_of(best), evaluate)
                 evaluation["summary"] = evaluation["test"]
             else:
-                evaluation = evaluate_split(network, variant, split.test, prepared)
+                evaluation = evaluate(network, variant, split.test, prepared)
             result = {
                 "dataset": split.dataset, "split": split.name, "variant": variant, "protocol": protocol, "settings": settings,
                 "sizes": {"train": len(train), "val": len(split.val), "test": len(split.test)},
@@ -327,7 +348,8 @@ def run_protocol(
                 # the best epoch's validation predictions: calibrations can be fitted again later
                 "validation": best.get("validation"),
                 "test": evaluation["summary"], "records": evaluation["records"], "seconds": round(time.time() - t0, 1),
-                "cpu_seconds": round(time.process_time() - cpu0, 1),
+                "cpu_seconds": round(time.process_time() - cpu0, 1), "evaluation_seconds": round(time.time() - t_eval, 1),
+                "epochs_run": best.get("epochs_run"), "time_budget_s": budget, "stopped_by": best.get("stopped_by"),
             }
             atomic_write_json(result_path, result)
             keep = split.name in ("fold1", "logiq7_to_others")  # kept for the overlay figures
@@ -345,11 +367,38 @@ def run_protocol(
     return summarize(out_dir, datasets, variants)
 
 
+def _pretrains(split: Split, settings: Mapping[str, Any], crops: Optional["CropInputs"]) -> bool:
+    """Whether ``split``'s runs start from the protocol's BUS-BRA pre-training."""
+    return crops is not None and split.dataset == "ddti" and settings.get("ddti_recipe") == "pretrain"
+
+
+def run_budgets(splits: Sequence[Split], variants: Sequence[str], settings: Mapping[str, Any],
+                data_root: Path) -> dict[tuple, float]:
+    """Each training run's share of the protocol's ``time_budget_s`` (empty without one), in
+    proportion to its training-set size: keys ``(dataset, split, variant)`` and, for the BUS-BRA
+    pre-training, ``("pretrain", variant)``. Computed over all the protocol's runs, finished or
+    not, so a resumed protocol gives every run the share it had."""
+    total = settings.get("time_budget_s")
+    if not total:
+        return {}
+    crops = settings.get("crops")
+    sizes: dict[tuple, int] = {}
+    for split in splits:
+        pretrains = crops and split.dataset == "ddti" and settings.get("ddti_recipe") == "pretrain"
+        for variant in variants:
+            if pretrains and ("pretrain", variant) not in sizes:
+                sizes[("pretrain", variant)] = len(pretraining_split(settings, data_root)[0])
+            train = recipe_train_list(split.dataset, split.train, settings, data_root) if crops else split.train
+            sizes[(split.dataset, split.name, variant)] = len(train)
+    whole = sum(sizes.values())
+    return {key: float(total) * n / whole for key, n in sizes.items()}
+
+
 def _train_variant(variant: str, settings: Mapping[str, Any], train: Sequence[Mapping], val: Sequence[Mapping], run_dir: Path,
                    train_tf: list, val_tf: list, device: str, start: Optional[Mapping] = None,
-                   epochs: Optional[int] = None) -> tuple[torch.nn.Module, dict]:
+                   epochs: Optional[int] = None, time_budget_s: Optional[float] = None) -> tuple[torch.nn.Module, dict]:
     """Train one variant (from ``start`` weights if given) and return the network at its best
-    validation epoch (on the CPU, float32) and that model file's payload. An interrupted run
+    validation epoch (on ``device``, float32) and that model file's payload. An interrupted run
     resumes from its checkpoints in ``run_dir``."""
     torch.manual_seed(settings["seed"])
     network = build_variant(variant)
@@ -360,15 +409,17 @@ def _train_variant(variant: str, settings: Mapping[str, Any], train: Sequence[Ma
     train_settings = TrainSettings(
         epochs=epochs or settings["epochs"], batch_size=settings["batch_size"], val_batch_size=64,
         image_size=settings["image_size"], seed=settings["seed"], progress=False, log_every=0, tensorboard=False,
-        early_stop_patience=settings.get("early_stop_patience", 0),
+        early_stop_patience=settings.get("early_stop_patience", 0), num_workers=settings.get("num_workers", 0),
+        time_budget_s=time_budget_s,
     )
-    fit(network, loss, optimizer, train, val, run_dir, train_settings, device=device,
-        train_transforms=train_tf, val_transforms=val_tf, resume=True)
+    stats = fit(network, loss, optimizer, train, val, run_dir, train_settings, device=device,
+                train_transforms=train_tf, val_transforms=val_tf, resume=True)
     best = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in best["state_dict"].items()})
-    network.to("cpu").to(memory_format=torch.contiguous_format)
+    network.to(device).to(memory_format=torch.contiguous_format)
     info = best.get("train") or {}
-    return network, {"epoch": info.get("epoch"), "metrics": best.get("metrics"), "validation": best.get("validation")}
+    return network, {"epoch": info.get("epoch"), "metrics": best.get("metrics"), "validation": best.get("validation"),
+                     "epochs_run": stats.get("epoch"), "stopped_by": stats.get("stopped_by")}
 
 
 def _rescore_if_older(result_path: Path, method: str) -> None:
@@ -406,7 +457,7 @@ def _validation_of(best: Mapping) -> Optional[tuple[list, list]]:
 
 
 def _pretrained(out_dir: Path, variant: str, settings: Mapping[str, Any], data_root: Path, train_tf: list, val_tf: list,
-                device: str, progress: Optional[Callable[[str], None]]) -> dict:
+                device: str, progress: Optional[Callable[[str], None]], time_budget_s: Optional[float] = None) -> dict:
     """Weights of ``variant`` pre-trained on all of BUS-BRA (trained once per protocol folder,
     kept as ``pretrain/<variant>.pt``, resumable)."""
     done = out_dir / "pretrain" / f"{variant}.pt"
@@ -415,11 +466,12 @@ def _pretrained(out_dir: Path, variant: str, settings: Mapping[str, Any], data_r
         if progress:
             progress(f"[protocol] pre-training {variant} on BUS-BRA ({len(train)} training, {len(val)} validation frames)")
         network, best = _train_variant(variant, settings, train, val, done.parent / f"{variant}_train", train_tf, val_tf,
-                                       device, epochs=settings.get("pretrain_epochs"))
+                                       device, epochs=settings.get("pretrain_epochs"), time_budget_s=time_budget_s)
         # the validation frames are kept with the weights: held-out figures of the pre-trained network
         # must use exactly these (scripts/whole_frame_eval.py), whatever the split code becomes
         torch.save({"state_dict": network.state_dict(), "best_epoch": best["epoch"], "val_metrics": best["metrics"],
-                    "val_images": [d["image"] for d in val]}, done)
+                    "val_images": [d["image"] for d in val], "epochs_run": best["epochs_run"],
+                    "stopped_by": best["stopped_by"], "time_budget_s": time_budget_s}, done)
         shutil.rmtree(done.parent / f"{variant}_train", ignore_errors=True)
     return torch.load(done, map_location="cpu", weights_only=True)["state_dict"]
 

@@ -58,6 +58,9 @@ class CropInputs:
         self.settings = settings
         self.size = int(settings["image_size"])
         self.cache = FrameCache(self.size)
+        # evaluation inputs kept across variants (``cache_eval_inputs``: worth its memory when
+        # many variants are evaluated on the same boxes, as in the ``gpu`` protocol)
+        self._inputs: Optional[dict] = {} if settings.get("cache_eval_inputs") else None
 
     def train_transforms(self) -> list:
         crops = dict(self.settings.get("crops") or {})
@@ -79,8 +82,13 @@ class CropInputs:
 
     def prepare(self, item: Mapping) -> torch.Tensor:
         """Network input of an item: its ``roi`` crop, or the whole frame."""
-        roi = item.get("roi")
-        return self.cache.crop(item, tuple(roi) if roi else None)
+        roi = tuple(item.get("roi") or ()) or None
+        if self._inputs is None:
+            return self.cache.crop(item, roi)
+        key = (str(item["image"]), roi)
+        if key not in self._inputs:
+            self._inputs[key] = self.cache.crop(item, roi)
+        return self._inputs[key]
 
 
 def recipe_train_list(dataset: str, train: Sequence[Mapping], settings: Mapping[str, Any], data_root: Path) -> list:

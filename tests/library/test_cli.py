@@ -285,8 +285,9 @@ def test_bad_input_exits_1_with_one_line_on_stderr(failures, case, message):
         (["predict", "{frame}", "--model", "{work}/bad_model.pt", "--out", "{work}/x5"], "not a readable model file"),
         (["predict", "{frame}", "--model", "{model}", "--out", "{work}/x6", "--roi", "400", "400", "500", "500"], "roi"),
         (["split", "--csv", "{work}/bad.csv", "--out", "{work}/x7"], "label column"),
+        (["protocol", "--protocol", "gpu", "--datasets", "ddti,thyroid", "--out", "{work}/x8"], "unknown datasets ['thyroid']"),
     ],
-    ids=["evaluate-missing-csv", "damaged-model", "roi-outside", "csv-without-labels"],
+    ids=["evaluate-missing-csv", "damaged-model", "roi-outside", "csv-without-labels", "protocol-unknown-dataset"],
 )
 def test_more_bad_input_in_process(work, small_model, capsys, argv, message):
     from thyroid_plugin import cli

@@ -311,6 +311,78 @@ def test_medium_protocol_pretrains_fine_tunes_and_reports_margins_and_calibratio
     assert rescored["test"] == pytest.approx(fresh_test) and "rescored" in rescored
 
 
+def _device_subset(src: Path, dst: Path, per_cell: int) -> None:
+    """``per_cell`` frames, of as many patients, of each label from each of the scanners of the
+    cross-device splits."""
+    with open(src / "labels.csv", newline="") as fp:
+        rows = list(csv.DictReader(fp))
+    picked = []
+    for device in ("GE Logiq 7 @10-14MHz", "GE Logiq 5 @10-12MHz", "Toshiba Aplio 300 @12-14 MHz"):
+        for label in ("benign", "malignant"):
+            one_per_case = {r["case"]: r for r in reversed(rows) if r["device"] == device and r["label"] == label}
+            picked += list(one_per_case.values())[:per_cell]
+    dst.mkdir(parents=True)
+    with open(dst / "labels.csv", "w", newline="") as fp:
+        w = csv.DictWriter(fp, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in picked:
+            w.writerow({**r, "file": str(src / r["file"]), "mask": str(src / r["mask"])})
+
+
+@pytest.mark.slow
+def test_gpu_protocol_at_tiny_scale_shares_its_time_budget_and_scores_every_split_and_variant(tmp_path):
+    """The ``gpu`` protocol (sized in time for one GPU) on the CPU at 32 px: DDTI's folds from
+    BUS-BRA pre-training and BUS-BRA cross-device, the paper's losses and a baseline, a training
+    budget shared by training-set size that stops every run after its first epoch here, loader
+    processes, and the recipe's figures for every run."""
+    from thyroid_plugin.evaluation import PROTOCOLS, build_splits, run_budgets, run_protocol
+
+    root = tmp_path / "data"
+    _subset(DATA / "ddti", root / "ddti", 40)
+    _device_subset(DATA / "busbra", root / "busbra", 4)  # 8 patients a scanner
+    out = tmp_path / "out"
+    settings = PROTOCOLS["gpu"]
+    assert settings["image_size"] == 224 and settings["lr"] == 1e-4 and settings["time_budget_s"] <= 5 * 60
+    datasets, variants = settings["datasets"], ["full_reference", "resnet18"]
+    overrides = {"image_size": 32, "epochs": 3, "pretrain_epochs": 3, "batch_size": 8, "time_budget_s": 0.02, "num_workers": 1}
+    messages: list[str] = []
+    results = run_protocol(out, "gpu", datasets, variants, root, overrides, progress=messages.append)
+
+    # the budget: every run's share in proportion to its training set, adding up to the whole
+    budgets = run_budgets(build_splits(root, datasets), variants, {**settings, **overrides}, root)
+    assert sum(budgets.values()) == pytest.approx(0.02)
+    runs = sorted((out / "runs").glob("*/*/*.json"))
+    assert len(runs) == (5 + 2) * len(variants)
+    per_frame = set()
+    for path in runs:
+        result = json.loads(path.read_text())
+        assert result["time_budget_s"] == pytest.approx(budgets[(result["dataset"], result["split"], result["variant"])])
+        per_frame.add(round(result["time_budget_s"] / result["sizes"]["train"], 12))
+        # a share far below one epoch: each run stops after its first epoch (of at most 3)
+        assert result["epochs_run"] == 1 and result["stopped_by"] == "time budget" and result["best_epoch"] == 1
+        for key in ("auc_tight", "auc_25", "auc_whole", "auc_saliency_box", "ece", "threshold"):
+            assert key in result["test"]
+        assert len(result["records"]) == result["sizes"]["test"] > 0
+    assert len(per_frame) == 1
+    for variant in variants:
+        pretrained = torch.load(out / "pretrain" / f"{variant}.pt", weights_only=True)
+        assert pretrained["epochs_run"] == 1 and pretrained["stopped_by"] == "time budget"
+        assert pretrained["time_budget_s"] == pytest.approx(budgets[("pretrain", variant)])
+    assert {"ddti", "busbra_cross"} <= set(results["datasets"])
+    assert (out / "roc_busbra_cross.png").is_file() and (out / "reliability_ddti.png").is_file()
+
+
+def test_evaluation_inputs_are_kept_across_variants_when_asked(busbra_items):
+    from thyroid_plugin.recipe import CropInputs
+
+    kept, fresh = CropInputs({"image_size": 32, "cache_eval_inputs": True}), CropInputs({"image_size": 32})
+    item = kept.boxed(busbra_items[:1], 0.25)[0]
+    first = kept.prepare(item)
+    assert kept.prepare(dict(item)) is first  # the same crop, not computed again
+    assert torch.equal(first, fresh.prepare(item)) and fresh.prepare(item) is not fresh.prepare(item)
+    assert not torch.equal(kept.prepare({**item, "roi": None}), first)  # another box, another input
+
+
 def test_a_validation_split_of_a_few_cases_works():
     """Too few cases of each class to stratify (a small confirmed set, a tiny subset) still
     splits by case instead of failing."""

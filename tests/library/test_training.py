@@ -121,31 +121,38 @@ def test_early_stopping_is_replayed_from_the_history():
     assert best != best and counter == 0
 
 
+def _copy_of_run(run, tmp_path):
+    """A copy of the module's 4-epoch run to resume, and its stats to edit."""
+    out = tmp_path / "run"
+    shutil.copytree(run[0], out)
+    return out, json.loads((out / "train_stats.json").read_text())
+
+
+def _resume_for_10_epochs(run, out, **settings):
+    items = run[1]
+    train = [d for n, d in enumerate(items) if n % 4 != 3]
+    val = [d for n, d in enumerate(items) if n % 4 == 3]
+    torch.manual_seed(0)
+    network = SaliencyGuidedClassifier()
+    return fit(network, SaliencyGuidedLoss("wellposed", class_weights="balanced"), torch.optim.Adam(network.parameters(), lr=1e-4),
+               train, val, out, {**SETTINGS, **settings, "epochs": 10}, device="cpu", resume=True)
+
+
 def test_a_resumed_run_keeps_counting_towards_early_stopping(run, tmp_path):
     """A run interrupted when its best epoch lay ``patience - 1`` validations back stops after
     its next validation without improvement, as it would have uninterrupted, instead of
     counting ``patience`` epochs afresh (the medium protocol's folds resume across sessions)."""
-    source, items, _ = run
-    out = tmp_path / "run"
-    shutil.copytree(source, out)
-    stats_file = out / "train_stats.json"
-    stats = json.loads(stats_file.read_text())
+    out, stats = _copy_of_run(run, tmp_path)
     # the history as a run whose first epoch was unbeatable would have left it
     for record in stats["history"]:
         record["val_auc"] = 2.0 if record["epoch"] == 1 else 0.5
     stats.update(best_metric=2.0, best_metric_epoch=1)
     # and a record of an epoch 5 whose checkpoint was never written (the process died in between)
     stats["history"].append({**stats["history"][-1], "epoch": 5, "val_auc": 0.1})
-    stats_file.write_text(json.dumps(stats))
-    settings = {**SETTINGS, "early_stop_patience": 4}
-    train = [d for n, d in enumerate(items) if n % 4 != 3]
-    val = [d for n, d in enumerate(items) if n % 4 == 3]
+    (out / "train_stats.json").write_text(json.dumps(stats))
 
     def resume():
-        torch.manual_seed(0)
-        network = SaliencyGuidedClassifier()
-        return fit(network, SaliencyGuidedLoss("wellposed", class_weights="balanced"), torch.optim.Adam(network.parameters(), lr=1e-4),
-                   train, val, out, {**settings, "epochs": 10}, device="cpu", resume=True)
+        return _resume_for_10_epochs(run, out, early_stop_patience=4)
 
     resumed = resume()
     # epochs 2-4 counted 3 of 4; epoch 5 (trained again, its stale record dropped) is the 4th
@@ -154,6 +161,26 @@ def test_a_resumed_run_keeps_counting_towards_early_stopping(run, tmp_path):
     assert resumed["history"][-1]["val_auc"] != 0.1
     # a run that early stopping ended stays ended when resumed (its checkpoint is of epoch 5 of 10)
     assert [h["epoch"] for h in resume()["history"]] == [1, 2, 3, 4, 5]
+
+
+def test_a_time_budget_counts_resumed_epochs_and_stops_after_the_epoch_that_spends_it(run, tmp_path):
+    """A protocol sized in time (``gpu``): the budget covers the run's epochs across resumes, and
+    the run ends after the epoch that uses it up, keeping its best model."""
+    out, stats = _copy_of_run(run, tmp_path)
+    for record in stats["history"]:
+        record["time_s"] = 10.0  # epochs 1-4 took 40 s in all
+    (out / "train_stats.json").write_text(json.dumps(stats))
+
+    def resume(budget):
+        return _resume_for_10_epochs(run, out, time_budget_s=budget)
+
+    # spent already: nothing more is trained
+    assert [h["epoch"] for h in resume(40.0)["history"]] == [1, 2, 3, 4]
+    # 1 ms left: epoch 5 runs (a run always finishes the epoch it started), then the budget stops it
+    resumed = resume(40.001)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
+    assert resumed["stopped_by"] == "time budget" and resumed["status"] == "stopped early"
+    assert load_checkpoint(out / "model.pt")["train"]["epoch"] == resumed["best_metric_epoch"]
 
 
 def test_resuming_a_finished_run_trains_nothing_more(tmp_path):
