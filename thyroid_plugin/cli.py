@@ -85,6 +85,7 @@ def _add_protocol(sub) -> None:
     p.add_argument("--epochs", type=int, help="override the protocol's epochs")
     p.add_argument("--image-size", type=int, help="override the protocol's input size")
     p.add_argument("--pretrain-epochs", type=int, help="override the protocol's BUS-BRA pre-training epochs (recipe protocols)")
+    p.add_argument("--pretrain-patience", type=int, help="pre-training epochs without a better validation AUC before it stops (default: the protocol's patience)")
     p.add_argument("--time-budget", type=float, help="seconds of training for the whole protocol, shared among its runs by training-set size (the gpu protocol's is 300)")
     p.add_argument("--ddti-recipe", choices=["alone", "mixed", "pretrain"],
                    help="medium protocol: DDTI folds alone, with BUS-BRA mixed in, or fine-tuned from BUS-BRA pre-training (default)")
@@ -257,7 +258,8 @@ def cmd_protocol(args) -> int:
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; use {list(VARIANTS)}")
     overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size, "ddti_recipe": args.ddti_recipe,
-                                   "pretrain_epochs": args.pretrain_epochs, "time_budget_s": args.time_budget}.items() if v is not None}
+                                   "pretrain_epochs": args.pretrain_epochs, "pretrain_patience": args.pretrain_patience,
+                                   "time_budget_s": args.time_budget}.items() if v is not None}
     if args.datasets is not None:
         datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     else:

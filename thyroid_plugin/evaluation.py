@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from monai.visualize.class_activation_maps import ModelWithHooks
 
 from .data import cross_centre_split, datalist_from_csv, grouped_kfold, grouped_split
 from .engine import TrainSettings, fit, predict
-from .io import atomic_write_json, load_image
+from .io import atomic_write_bytes, atomic_write_json, load_image
 from .losses import SaliencyGuidedLoss
 from .metrics import METRIC_NAMES, binary_metrics
 from .networks import BASELINES, BaselineClassifier, SaliencyGuidedClassifier
@@ -465,13 +466,17 @@ def _pretrained(out_dir: Path, variant: str, settings: Mapping[str, Any], data_r
         train, val = pretraining_split(settings, data_root)
         if progress:
             progress(f"[protocol] pre-training {variant} on BUS-BRA ({len(train)} training, {len(val)} validation frames)")
-        network, best = _train_variant(variant, settings, train, val, done.parent / f"{variant}_train", train_tf, val_tf,
+        # its own patience where given (a pre-training on many frames may improve slowly and late)
+        pretrain = {**settings, "early_stop_patience": settings.get("pretrain_patience", settings.get("early_stop_patience", 0))}
+        network, best = _train_variant(variant, pretrain, train, val, done.parent / f"{variant}_train", train_tf, val_tf,
                                        device, epochs=settings.get("pretrain_epochs"), time_budget_s=time_budget_s)
         # the validation frames are kept with the weights: held-out figures of the pre-trained network
         # must use exactly these (scripts/whole_frame_eval.py), whatever the split code becomes
+        payload = io.BytesIO()  # written whole or not at all: a file there means a finished pre-training
         torch.save({"state_dict": network.state_dict(), "best_epoch": best["epoch"], "val_metrics": best["metrics"],
                     "val_images": [d["image"] for d in val], "epochs_run": best["epochs_run"],
-                    "stopped_by": best["stopped_by"], "time_budget_s": time_budget_s}, done)
+                    "stopped_by": best["stopped_by"], "time_budget_s": time_budget_s}, payload)
+        atomic_write_bytes(done, payload.getvalue())
         shutil.rmtree(done.parent / f"{variant}_train", ignore_errors=True)
     return torch.load(done, map_location="cpu", weights_only=True)["state_dict"]
 

@@ -372,6 +372,24 @@ def test_gpu_protocol_at_tiny_scale_shares_its_time_budget_and_scores_every_spli
     assert (out / "roc_busbra_cross.png").is_file() and (out / "reliability_ddti.png").is_file()
 
 
+@pytest.mark.parametrize("given, expected", [({}, 6), ({"pretrain_patience": 24}, 24)])
+def test_the_pretraining_has_its_own_patience_when_given(tmp_path, monkeypatch, given, expected):
+    from thyroid_plugin import evaluation
+
+    _device_subset(DATA / "busbra", tmp_path / "busbra", 4)
+    seen = {}
+
+    def train_variant(variant, settings, train, val, run_dir, *args, **kwargs):
+        seen.update(patience=settings["early_stop_patience"], epochs=kwargs["epochs"])
+        run_dir.mkdir(parents=True)  # as training does
+        return torch.nn.Linear(1, 1), {"epoch": 1, "metrics": {}, "epochs_run": 1, "stopped_by": None}
+
+    monkeypatch.setattr(evaluation, "_train_variant", train_variant)
+    settings = {**evaluation.PROTOCOLS["compact"], **given}
+    evaluation._pretrained(tmp_path / "out", "single_branch", settings, tmp_path, [], [], "cpu", None)
+    assert seen == {"patience": expected, "epochs": 8} and settings["early_stop_patience"] == 6  # the folds keep theirs
+
+
 def test_evaluation_inputs_are_kept_across_variants_when_asked(busbra_items):
     from thyroid_plugin.recipe import CropInputs
 
