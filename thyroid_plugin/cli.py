@@ -251,7 +251,7 @@ def cmd_split(args) -> int:
 
 
 def cmd_protocol(args) -> int:
-    from .evaluation import PROTOCOLS, VARIANTS, run_protocol
+    from .evaluation import DATASETS, PROTOCOLS, VARIANTS, run_protocol
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
@@ -263,10 +263,7 @@ def cmd_protocol(args) -> int:
     if args.datasets is not None:
         datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     else:
-        datasets = list(PROTOCOLS[args.protocol].get("datasets") or ("ddti", "busbra", "busbra_cross"))
-    unknown = set(datasets) - {"ddti", "busbra", "busbra_cross"}
-    if unknown or not datasets:
-        raise ValueError(f"unknown datasets {sorted(unknown)}; use ddti, busbra, busbra_cross")
+        datasets = list(PROTOCOLS[args.protocol].get("datasets") or DATASETS)
     results = run_protocol(Path(args.out), args.protocol, datasets, variants, Path(args.data_root) if args.data_root else None,
                            overrides, args.device)
     summary = {ds: {v: round(e["auc"][0], 4) for v, e in per.items()} for ds, per in results["datasets"].items()}

@@ -100,6 +100,9 @@ PROTOCOLS["gpu"] = {**PROTOCOLS["medium"], "image_size": 224, "lr": 1e-4, "batch
                     "pretrain_epochs": 30, "early_stop_patience": 8, "time_budget_s": 300, "num_workers": 12,
                     "cache_eval_inputs": True, "datasets": ["ddti", "busbra_cross"]}
 
+#: the protocols' datasets (see the module docstring)
+DATASETS = ("ddti", "busbra", "busbra_cross")
+
 CROSS_DEVICE = {
     "logiq7_to_others": (["GE Logiq 7 @10-14MHz"], ["GE Logiq 5 @10-12MHz", "Toshiba Aplio 300 @12-14 MHz"]),
     "logiq5_to_others": (["GE Logiq 5 @10-12MHz"], ["GE Logiq 7 @10-14MHz", "Toshiba Aplio 300 @12-14 MHz"]),
@@ -140,7 +143,10 @@ def _busbra_official_folds(root: Path) -> list[tuple[str, list, list, list]]:
 
 
 def build_splits(data_root: Path, datasets: Sequence[str], val_fraction: float = 0.15, seed: int = 0) -> list[Split]:
-    """The splits of the requested datasets (``ddti``, ``busbra``, ``busbra_cross``)."""
+    """The splits of the requested datasets (of :data:`DATASETS`)."""
+    unknown = set(datasets) - set(DATASETS)
+    if unknown or not datasets:
+        raise ValueError(f"unknown datasets {sorted(unknown)}; use {', '.join(DATASETS)}")
     splits: list[Split] = []
     if "ddti" in datasets:
         items = datalist_from_csv(data_root / "ddti" / "labels.csv")
@@ -329,7 +335,7 @@ def run_protocol(
             t0, cpu0 = time.time(), time.process_time()
             run_dir = result_path.parent / f"{variant}_train"
             start = None
-            if _pretrains(split, settings, crops):
+            if _pretrains(split, settings):
                 start = _pretrained(out_dir, variant, settings, data_root, train_tf, val_tf, device, progress,
                                     budgets.get(("pretrain", variant)))
             train = recipe_train_list(split.dataset, split.train, settings, data_root) if crops is not None else split.train
@@ -368,9 +374,9 @@ def run_protocol(
     return summarize(out_dir, datasets, variants)
 
 
-def _pretrains(split: Split, settings: Mapping[str, Any], crops: Optional["CropInputs"]) -> bool:
-    """Whether ``split``'s runs start from the protocol's BUS-BRA pre-training."""
-    return crops is not None and split.dataset == "ddti" and settings.get("ddti_recipe") == "pretrain"
+def _pretrains(split: Split, settings: Mapping[str, Any]) -> bool:
+    """Whether ``split``'s runs start from the protocol's BUS-BRA pre-training (recipe protocols)."""
+    return bool(settings.get("crops")) and split.dataset == "ddti" and settings.get("ddti_recipe") == "pretrain"
 
 
 def run_budgets(splits: Sequence[Split], variants: Sequence[str], settings: Mapping[str, Any],
@@ -382,15 +388,13 @@ def run_budgets(splits: Sequence[Split], variants: Sequence[str], settings: Mapp
     total = settings.get("time_budget_s")
     if not total:
         return {}
-    crops = settings.get("crops")
     sizes: dict[tuple, int] = {}
+    if any(_pretrains(split, settings) for split in splits):
+        pretraining = len(pretraining_split(settings, data_root)[0])
+        sizes.update({("pretrain", variant): pretraining for variant in variants})
     for split in splits:
-        pretrains = crops and split.dataset == "ddti" and settings.get("ddti_recipe") == "pretrain"
-        for variant in variants:
-            if pretrains and ("pretrain", variant) not in sizes:
-                sizes[("pretrain", variant)] = len(pretraining_split(settings, data_root)[0])
-            train = recipe_train_list(split.dataset, split.train, settings, data_root) if crops else split.train
-            sizes[(split.dataset, split.name, variant)] = len(train)
+        train = recipe_train_list(split.dataset, split.train, settings, data_root) if settings.get("crops") else split.train
+        sizes.update({(split.dataset, split.name, variant): len(train) for variant in variants})
     whole = sum(sizes.values())
     return {key: float(total) * n / whole for key, n in sizes.items()}
 
