@@ -34,12 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (DEFAULT_MODEL, ddti_images, interleaved_ms, median_ms, model_gflops, onednn_isa,  # noqa: E402
+from bench.common import (DEFAULT_MODEL, ddti_images, interleaved_ms, model_gflops, onednn_isa,  # noqa: E402
                           print_table, write_json)
 from thyroid_plugin.checkpoint import load_checkpoint, network_from_checkpoint  # noqa: E402
 from thyroid_plugin.config import load_config  # noqa: E402
 from thyroid_plugin.inference import NodulePredictor, batch_plan, run_network  # noqa: E402
 from thyroid_plugin.io import load_image  # noqa: E402
+from thyroid_plugin.localiser import NoduleLocaliser  # noqa: E402
 
 PROB_TOL = 0.01
 SALIENCY_TOL = 0.02
@@ -87,6 +88,8 @@ def main() -> int:
     ap.add_argument("--compile", default=str(cfg["compile"]), choices=["off", "on", "background", "true", "false"])
     ap.add_argument("--images", type=int, default=32, help="real frames for the agreement check")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--localiser", default=str(DEFAULT_MODEL.parent / "pretrained_nodule_localiser.pt"),
+                    help="the nodule localiser a frame sent without a box goes through first")
     args = ap.parse_args()
 
     payload = load_checkpoint(args.model)
@@ -140,8 +143,14 @@ def main() -> int:
         how = plan_words(batch_plan(n, loaded.compiled))
         rows.append({"path": f"served forward ({kind}, {how})", "batch": n, "ms_per_image": per})
     frames = [load_image(p) for p in ddti_images(args.images)]
-    whole = median_ms(lambda: predictor.predict(frames[0]), repeat=args.repeat)
+    localiser = NoduleLocaliser.load(args.localiser)
+    pixels = frames[0].array
+    both = interleaved_ms({"predict": lambda: predictor.predict(frames[0]), "localise": lambda: localiser.boxes([pixels])},
+                          repeat=args.repeat)
+    whole = both["predict"]
     rows.append({"path": "served predict() incl. pre/post-processing", "batch": 1, "ms_per_image": whole})
+    rows.append({"path": "nodule localiser (added for a frame sent without a box)", "batch": 1,
+                 "ms_per_image": both["localise"]})
     for r in rows:
         if r["ms_per_image"] is not None:
             r["x_yardstick"] = r["ms_per_image"] / yard
@@ -163,12 +172,14 @@ def main() -> int:
         "speedup_vs_eager_fp32": baseline / served[1], "speedup_ok": baseline / served[1] >= 2.5,
         "batch_x_yardstick": batch_worst / yard, "batch_ok": batch_worst <= 3.5 * yard and batch_worst <= served[1],
     }
+    print(f"nodule localiser: {both['localise']:.1f} ms per frame, {both['localise'] / whole:.2f} x a served predict()")
     print("targets:", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in targets.items()})
     write_json("inference", {"model": Path(args.model).name, "image_size": size, "gflops": flops, "onednn_isa": isa,
                              "bf16_native": bf16_native, "matmul_gflops": {"fp32": rate32, "bf16": rate16},
                              "floor_ms": {"fp32": floor32, "bf16": floor16}, "baseline_ms": baseline, "served_ms": served,
                              "eager_ms": {1: ms["eager1"], 8: msb["eager8"] / 8, 32: msb["eager32"] / 32},
-                             "predict_ms": whole, "load_and_compile_s": compile_s, "compile_status": status,
+                             "predict_ms": whole, "localiser_ms": both["localise"],
+                             "localiser_x_predict": both["localise"] / whole, "load_and_compile_s": compile_s, "compile_status": status,
                              "compiled_batch_sizes": ready, "compiled_cost_vs_eager": predictor.info()["compiled_cost_vs_eager"],
                              "plans": {n: plan_words(batch_plan(n, loaded.compiled)) for n in (1, 8, 32)},
                              "precision": precision, "compile": predictor.compile,

@@ -24,7 +24,6 @@ functions below work on ``d``, which the stored validation probabilities give ba
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Mapping, NamedTuple, Optional, Sequence
 
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import atomic_write_bytes
 
 __all__ = ["CALIBRATION_METHODS", "Calibration", "calibrate_probabilities", "expected_calibration_error", "fit_calibration",
            "fit_platt", "fit_temperature", "fold_calibration", "fold_temperature", "plot_reliability",
@@ -246,7 +244,7 @@ def plot_reliability(curves: dict, path: str, n_bins: int = 10, title: str = "Re
     """A reliability diagram (observed fraction malignant against mean predicted probability per
     bin, with the diagonal of perfect calibration) of ``{name: (probabilities, labels)}``, each
     curve labelled with its ECE; written as PNG to ``path``."""
-    from .reports import _pyplot
+    from .reports import _pyplot, save_figure
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
@@ -262,12 +260,7 @@ def plot_reliability(curves: dict, path: str, n_bins: int = 10, title: str = "Re
     ax.set_ylabel("observed fraction malignant")
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)
 
 
 def last_linear_name(network: nn.Module) -> str:

@@ -45,6 +45,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="compile the network for the batch size first (auto: when there are at least "
                         f"{COMPILE_FROM_IMAGES} images, where the minute it takes pays off)")
+    p.add_argument("--localiser", help="a nodule localiser file that boxes the rows without a roi, as the server does "
+                                       "(the shipped one: apps/thyroid_nodule/model/pretrained_nodule_localiser.pt)")
 
 
 def _add_predict(sub) -> None:
@@ -53,6 +55,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--model", required=True, help="model file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--roi", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="nodule box in pixels (applied to every image)")
+    p.add_argument("--localiser", help="a nodule localiser file that boxes the images when no --roi is given "
+                                       "(the shipped one: apps/thyroid_nodule/model/pretrained_nodule_localiser.pt)")
     p.add_argument("--device")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
 
@@ -151,16 +155,19 @@ def cmd_train(args) -> int:
 COMPILE_FROM_IMAGES = 256
 
 
-def served_predictor(model: str, device: Optional[str], precision: Optional[str], compile: str, batch_size: int):
+def served_predictor(model: str, device: Optional[str], precision: Optional[str], compile: str, batch_size: int,
+                     localiser: Optional[str] = None):
     """A predictor with the served settings of ``configs/inference.json`` (precision,
-    channels-last), compiled synchronously for ``batch_size`` and 1 when ``compile`` is ``on``."""
+    channels-last, the localiser's margin), compiled synchronously for ``batch_size`` and 1 when
+    ``compile`` is ``on``; ``localiser`` boxes the frames that have no roi."""
     from .config import load_config
     from .inference import NodulePredictor
 
     served = load_config("inference")["inference"]
     return NodulePredictor(model, device=device, precision=precision or served["precision"],
                            channels_last=bool(served["channels_last"]), compile=compile,
-                           compile_batch_sizes=(batch_size, 1) if batch_size > 1 else (1,))
+                           compile_batch_sizes=(batch_size, 1) if batch_size > 1 else (1,), localiser_path=localiser,
+                           localiser_margin=float(served.get("localiser_margin", 0.25)))
 
 
 def cmd_evaluate(args) -> int:
@@ -175,7 +182,7 @@ def cmd_evaluate(args) -> int:
     datalist = load_datalist(args.csv)
     args.batch_size = args.batch_size or int(load_config("inference")["inference"]["batch_size"])
     compile = args.compile if args.compile != "auto" else ("on" if len(datalist) >= COMPILE_FROM_IMAGES else "off")
-    predictor = served_predictor(args.model, args.device, args.precision, compile, args.batch_size)
+    predictor = served_predictor(args.model, args.device, args.precision, compile, args.batch_size, args.localiser)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     probs, labels = [], []
@@ -189,7 +196,7 @@ def cmd_evaluate(args) -> int:
         for d, p in zip(chunk, preds):
             probs.append(p.probabilities["malignant"])
             labels.append(int(d["label"]))
-            rows.append((d, p.probabilities["malignant"]))
+            rows.append((d, p.probabilities["malignant"], p.roi, p.roi_source))
             kind = "correct" if (p.probabilities["malignant"] >= predictor.threshold) == bool(d["label"]) else "wrong"
             if len(overlays[kind]) < args.overlays:
                 overlays[kind].append((d, p))
@@ -198,7 +205,8 @@ def cmd_evaluate(args) -> int:
               "threshold": predictor.threshold, "model": predictor.model_id, "data": os.path.abspath(args.csv)}
     atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())
     atomic_write_bytes(out / "predictions.json", json.dumps(
-        [{"image": d["image"], "label": int(d["label"]), "prob_malignant": round(float(pm), 6)} for d, pm in rows], indent=1).encode())
+        [{"image": d["image"], "label": int(d["label"]), "prob_malignant": round(float(pm), 6), "roi": roi, "roi_source": source}
+         for d, pm, roi, source in rows], indent=1).encode())
     plot_roc({"model": (probs, labels)}, str(out / "roc.png"), title=f"ROC ({len(labels)} images)")
     plot_confusion(probs, labels, str(out / "confusion.png"), predictor.threshold)
     for kind, chosen in overlays.items():
@@ -217,10 +225,11 @@ def cmd_predict(args) -> int:
     from .batch_files import predict_files
     from .inference import NodulePredictor
 
-    predictor = NodulePredictor(args.model, device=args.device, precision=args.precision)
+    predictor = NodulePredictor(args.model, device=args.device, precision=args.precision, localiser_path=args.localiser)
     results = predict_files(predictor, args.images, args.out, rois=[args.roi] * len(args.images) if args.roi else None)
     for r in results:
-        print(json.dumps({"image": r["image"], "label": r["label"], "probabilities": r["probabilities"], "mask": r["mask"]}))
+        print(json.dumps({"image": r["image"], "label": r["label"], "probabilities": r["probabilities"], "mask": r["mask"],
+                          "roi": r.get("roi"), "roi_source": r.get("roi_source")}))
     return 0
 
 

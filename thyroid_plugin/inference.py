@@ -48,6 +48,12 @@ ImageInput = Union[str, os.PathLike, UltrasoundImage]
 NO_BOX_WARNING = ("no nodule box was given, so the whole image was classified: on whole ultrasound frames the model "
                   "is much less accurate than with a box around the nodule; draw a box unless the image is already "
                   "cropped to the nodule")
+#: the answer's note when the server's nodule localiser drew the box (``roi_source: "localiser"``;
+#: measured in docs/evaluation.md, "A localiser trained with the masks")
+LOCALISER_NOTE = ("no nodule box was given, so the nodule localiser drew one (roi): check that it is on the nodule "
+                  "and draw your own box if it is not")
+#: added to :data:`NO_BOX_WARNING` when the localiser ran and found nothing
+NO_NODULE_FOUND = "the nodule localiser found no nodule in this image"
 
 
 @dataclass
@@ -59,6 +65,8 @@ class Prediction:
         probabilities: class name -> probability (sums to 1).
         saliency: ``(H, W)`` float32 saliency probability on the full input frame.
         roi: the box used ``[x0, y0, x1, y1]`` (clipped to the frame), or ``None``.
+        roi_source: who drew ``roi``: ``"request"`` (the user), ``"localiser"`` (the server's nodule
+            localiser, for a frame sent without a box) or ``None`` (no box: the whole frame).
         model: identity of the model that produced it (``sha256:...``).
         threshold: malignant probability at or above which the label is malignant.
         mask_threshold: saliency probability at or above which a pixel is in the binary mask.
@@ -73,6 +81,16 @@ class Prediction:
     threshold: float = 0.5
     mask_threshold: float = 0.5
     timings: dict = field(default_factory=dict)
+    roi_source: Optional[str] = None
+    localiser_ran: bool = False
+
+    def warnings(self) -> list:
+        """What the user should know about how the answer was made."""
+        if self.roi_source == "localiser":
+            return [LOCALISER_NOTE]
+        if self.roi is None:
+            return [NO_BOX_WARNING] + ([NO_NODULE_FOUND] if self.localiser_ran else [])
+        return []
 
     def saliency_uint8(self) -> np.ndarray:
         """The mask as written to files: ``round(255 * p)``, uint8."""
@@ -86,8 +104,9 @@ class Prediction:
             "probabilities": {k: round(float(v), 6) for k, v in self.probabilities.items()},
             "threshold": self.threshold,
             "roi": self.roi,
+            "roi_source": self.roi_source,
             "model": self.model,
-            "warnings": [NO_BOX_WARNING] if self.roi is None else [],
+            "warnings": self.warnings(),
             "saliency": {
                 "encoding": "uint8, value = round(255 * saliency probability); 0 outside the roi",
                 "mask_threshold": self.mask_threshold,
@@ -231,6 +250,9 @@ class NodulePredictor:
             data when it was trained; 0.5 if it has none).
         mask_threshold: saliency level reported as the binary mask's threshold.
         num_threads: intra-op CPU threads (default: torch's choice).
+        localiser_path: a nodule localiser (:mod:`thyroid_plugin.localiser`) that boxes frames sent
+            without a box: its tight box grown by ``localiser_margin`` (of the nodule's size, as a
+            user's loose box) is classified instead of the whole frame; ``None``: whole frames.
 
     ``predict`` and ``predict_batch`` may be called from several threads: the model's work
     (loading, preprocessing, the forward pass, the mask) runs on one thread that the predictor
@@ -252,8 +274,14 @@ class NodulePredictor:
         threshold: Optional[float] = None,
         mask_threshold: float = 0.5,
         num_threads: Optional[int] = None,
+        localiser_path: Union[None, str, os.PathLike] = None,
+        localiser_margin: float = 0.25,
     ) -> None:
         self.model_path = os.fspath(model_path)
+        self.localiser_path = None if localiser_path is None else os.fspath(localiser_path)
+        self.localiser_margin = float(localiser_margin)
+        self._localiser = None
+        self._localiser_id: Optional[str] = None
         self.device = torch.device(device) if device not in (None, "auto") else default_device()
         self.precision = precision
         self.channels_last = channels_last
@@ -273,6 +301,8 @@ class NodulePredictor:
         self._worker = ModelThread()
         weakref.finalize(self, self._worker.shutdown)
         self._on_worker(self._load)
+        if self.localiser_path is not None:
+            self._on_worker(self._load_localiser)
 
     def _on_worker(self, fn, *args):
         """Run ``fn(*args)`` on the predictor's model thread and return its result."""
@@ -300,6 +330,16 @@ class NodulePredictor:
         logger.info("loaded model %s (%s)", self.model_path, model.identity)
         if self.compile == "background":
             model.compiled.start()
+
+    def _load_localiser(self) -> None:
+        from .localiser import NoduleLocaliser
+
+        try:
+            self._localiser = NoduleLocaliser.load(self.localiser_path)
+        except Exception as exc:  # unreadable, not a torch file (UnpicklingError), not a localiser, wrong weights
+            raise InvalidModelError(f"nodule localiser {self.localiser_path}: {exc}") from exc
+        self._localiser_id = model_identity(self.localiser_path)
+        logger.info("loaded nodule localiser %s (%s)", self.localiser_path, self._localiser_id)
 
     def forward(self, x: torch.Tensor, model: Optional[LoadedModel] = None):
         """The served forward pass of a preprocessed batch ``(N, 3, S, S)``: compiled networks
@@ -375,7 +415,18 @@ class NodulePredictor:
                 "compiled": m.compiled.status, "compiled_batch_sizes": m.compiled.ready_sizes(),
                 "compiled_ms_per_image": {str(b): m.compiled.ms_per_image[b] for b in m.compiled.ready_sizes()
                                           if b in m.compiled.ms_per_image},
-                "compiled_cost_vs_eager": {str(b): c for b, c in sorted(m.compiled.costs().items())}}
+                "compiled_cost_vs_eager": {str(b): c for b, c in sorted(m.compiled.costs().items())},
+                "localiser": self.localiser_info()}
+
+    def localiser_info(self) -> Optional[dict]:
+        """The nodule localiser that boxes frames sent without a box (``None``: there is none):
+        identity, input size, the margin added to its box, its validation box IoU and epochs."""
+        if self._localiser is None:
+            return None
+        r = self._localiser.record
+        return {"model": self._localiser_id, "image_size": self._localiser.image_size, "margin": self.localiser_margin,
+                "val_box_iou": r.get("val_box_iou"), "best_epoch": r.get("best_epoch"),
+                "train_frames": r.get("train_frames"), "val_frames": r.get("val_frames")}
 
     # ------------------------------------------------------------------------------- inference
     def predict(self, image: ImageInput, roi: Optional[Sequence[float]] = None) -> Prediction:
@@ -395,6 +446,11 @@ class NodulePredictor:
         if len(rois) != len(images):
             raise ValueError(f"{len(rois)} rois for {len(images)} images")
         t0 = time.perf_counter()
+        sources: list = ["request" if r is not None else None for r in rois]
+        if self._localiser is not None and any(r is None for r in rois):
+            images = [im if isinstance(im, UltrasoundImage) else load_image(im) for im in images]
+            rois, sources = self._localise(images, rois, sources)
+        t_loc = time.perf_counter()
         frames = [preprocess(im, r, model.transforms) for im, r in zip(images, rois)]
         x = torch.stack([f.input for f in frames]).to(self.device)
         t1 = time.perf_counter()
@@ -405,9 +461,25 @@ class NodulePredictor:
                               mask_threshold=self.mask_threshold)
         t3 = time.perf_counter()
         per = len(images)
-        for r in results:
-            r.timings = {"preprocess": (t1 - t0) / per, "network": (t2 - t1) / per, "postprocess": (t3 - t2) / per}
+        for r, source in zip(results, sources):
+            r.roi_source = source if r.roi is not None else None
+            r.localiser_ran = self._localiser is not None
+            r.timings = {"preprocess": (t1 - t_loc) / per, "network": (t2 - t1) / per, "postprocess": (t3 - t2) / per}
+            if self._localiser is not None:
+                r.timings["localise"] = (t_loc - t0) / per
         return results
+
+    def _localise(self, images: Sequence[UltrasoundImage], rois: list, sources: list) -> tuple[list, list]:
+        """The localiser's boxes (grown by ``localiser_margin``) for the frames without a roi."""
+        from .lesion import margin_box
+
+        todo = [i for i, r in enumerate(rois) if r is None]
+        rois, sources = list(rois), list(sources)
+        for i, box in zip(todo, self._localiser.boxes([images[i].array for i in todo])):
+            if box is not None:
+                rois[i] = list(margin_box(box, self.localiser_margin, images[i].shape))
+                sources[i] = "localiser"
+        return rois, sources
 
 
 # ------------------------------------------------------------------------ pre- and post-processing

@@ -28,7 +28,7 @@ from monai.transforms import MapTransform, Randomizable, Resized
 from .io import load_image, to_network_channels
 from .transforms import MIN_ROI_SIDE
 
-__all__ = ["Box", "FrameCache", "RandLesionCropd", "LesionCropd", "box_from_saliency", "lesion_box", "margin_box"]
+__all__ = ["Box", "FrameCache", "RandLesionCropd", "LesionCropd", "box_from_saliency", "lesion_box", "margin_box", "region_box"]
 
 #: ``(x0, y0, x1, y1)``: columns ``x0:x1``, rows ``y0:y1`` (a NumPy slice, as the REST ``roi``)
 Box = tuple[int, int, int, int]
@@ -192,19 +192,26 @@ def box_from_saliency(saliency: np.ndarray, frame_shape: tuple[int, int], margin
     its bounding box, mapped to the frame's pixels, is grown by ``margin`` as a user's loose box
     would be. ``None`` when the map is flat (nothing stands out).
     """
-    from scipy import ndimage
-
     s = np.asarray(saliency, dtype=np.float64)
     cut = s.mean() + s.std()
     if not np.isfinite(cut) or s.max() <= cut:
         return None
-    regions, n = ndimage.label(s > cut)
+    box = region_box(s, s > cut, frame_shape)
+    return None if box is None else margin_box(box, margin, frame_shape)
+
+
+def region_box(values: np.ndarray, selected: np.ndarray, frame_shape: tuple[int, int]) -> Optional[Box]:
+    """The bounding box, in the pixels of a frame of ``frame_shape`` ``(H, W)``, of the connected
+    region of ``selected`` (a boolean map on ``values``' grid) that holds the most of ``values``;
+    ``None`` when nothing is selected."""
+    from scipy import ndimage
+
+    regions, n = ndimage.label(selected)
     if n == 0:
         return None
-    mass = ndimage.sum(s, regions, index=np.arange(1, n + 1))
+    mass = ndimage.sum(values, regions, index=np.arange(1, n + 1))
     ys, xs = np.nonzero(regions == int(np.argmax(mass)) + 1)
     h, w = frame_shape
-    sy, sx = h / s.shape[0], w / s.shape[1]
-    box = (int(np.floor(xs.min() * sx)), int(np.floor(ys.min() * sy)),
-           int(np.ceil((xs.max() + 1) * sx)), int(np.ceil((ys.max() + 1) * sy)))
-    return margin_box(box, margin, (h, w))
+    sy, sx = h / values.shape[0], w / values.shape[1]
+    return (int(np.floor(xs.min() * sx)), int(np.floor(ys.min() * sy)),
+            min(w, int(np.ceil((xs.max() + 1) * sx))), min(h, int(np.ceil((ys.max() + 1) * sy))))

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from .constants import CLASS_NAMES
 
-__all__ = ["plot_confusion", "plot_roc", "roc_curve", "saliency_vs_mask", "save_overlay"]
+__all__ = ["plot_boxes", "plot_confusion", "plot_roc", "roc_curve", "saliency_vs_mask", "save_figure", "save_overlay"]
 
 
 def _pyplot():
@@ -23,6 +23,41 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_boxes(frames: Sequence[np.ndarray], expert: Sequence, found: Sequence, titles: Sequence[str], path: str,
+               cols: int = 6) -> str:
+    """Frames with the expert's box (green) and a localiser's (orange), ``cols`` a row; boxes are
+    ``(x0, y0, x1, y1)`` pixels or ``None``. Written atomically."""
+    plt = _pyplot()
+    rows = max(1, (len(frames) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.0 * rows), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, frame, a, b, title in zip(axes.ravel(), frames, expert, found, titles):
+        f = np.asarray(frame)
+        ax.imshow(f if f.ndim == 2 else f.mean(axis=2), cmap="gray")
+        for box, colour in ((a, "lime"), (b, "orange")):
+            if box is not None:
+                x0, y0, x1, y1 = box
+                ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.2))
+        ax.set_title(title, fontsize=7)
+    fig.suptitle("expert box (green), localiser box (orange)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+    """Lay out ``fig``, write it as a PNG at ``path`` whole or not at all, and close it."""
+    import io
+
+    from .io import atomic_write_bytes
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def roc_curve(prob: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

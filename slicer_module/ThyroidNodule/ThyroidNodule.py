@@ -316,6 +316,8 @@ class ThyroidNoduleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if c.mask_segmentation is not None:
             p.maskSegmentation = c.mask_segmentation
+        if c.server_box is not None and p.roi is None:
+            p.roi = c.server_box  # the localiser's box becomes the input box: move it and classify again
         if not p.resultsTable:
             p.resultsTable = slicer.mrmlScene.GetFirstNodeByName(DEFAULT_TABLE_NAME)
         self._setStatus(c.warning or " ".join(t for t in (f"{c.volume_name}: {c.summary()}.", c.advice) if t))

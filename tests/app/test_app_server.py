@@ -323,3 +323,46 @@ def test_missing_model_is_a_clear_503(tmp_path, images):
                           files={"file": ("f.png", open(images[0]["file"], "rb"), "image/png")}, timeout=TIMEOUT)
         assert r.status_code == 503 and "no model" in r.json()["detail"]
         assert requests.get(f"{s.url}/info/", timeout=TIMEOUT).status_code == 200
+
+
+def test_a_frame_sent_without_a_box_is_classified_in_the_box_the_shipped_localiser_draws(tmp_path, small_model, images):
+    """The shipped model folder's localiser is served by default; a user's box wins over it; a
+    batch over the datastore uses it for every frame (none has a box); ``/info`` describes it."""
+    from tests.support.paths import APP_DIR
+
+    shipped = APP_DIR / "model" / "pretrained_nodule_localiser.pt"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copyfile(small_model, model_dir / "pretrained_classify_nodule.pt")
+    shutil.copyfile(shipped, model_dir / "pretrained_nodule_localiser.pt")
+    studies = tmp_path / "studies"
+    import_collection([{"image": r["file"], "label": 0 if r["label"] == "benign" else 1, "group": r["case"]} for r in images[:2]],
+                      studies, with_diagnosis=False)
+    with MonaiLabelServer(studies, model_dir) as s:
+        localiser = requests.get(f"{s.url}/info/", timeout=TIMEOUT).json()["models"]["classify_nodule"]["model"]["localiser"]
+        assert localiser["model"] == sha_id(shipped) and localiser["margin"] == 0.25 and localiser["val_box_iou"] > 0.5
+        answers = {}
+        for params in ({}, {"roi": [60, 40, 240, 230]}):
+            r = requests.post(f"{s.url}/infer/classify_nodule", params={"output": "json"},
+                              files={"file": ("frame.png", open(images[0]["file"], "rb"), "image/png")},
+                              data={"params": json.dumps(params)}, timeout=TIMEOUT)
+            assert r.status_code == 200, r.text
+            answers["roi" in params] = r.json()
+        drawn = answers[False]
+        assert drawn["roi_source"] == "localiser" and len(drawn["roi"]) == 4 and "localiser drew" in drawn["warnings"][0]
+        x0, y0, x1, y1 = drawn["roi"]
+        assert 0 <= x0 < x1 <= 300 and 0 <= y0 < y1 <= 300 and (x1 - x0) * (y1 - y0) < 0.9 * 300 * 300
+        assert answers[True]["roi_source"] == "request" and answers[True]["roi"] == [60, 40, 240, 230]
+        assert answers[True]["warnings"] == []
+        r = requests.post(f"{s.url}/batch/infer/classify_nodule", params={"images": "all", "run_sync": "true"}, json={},
+                          timeout=600)
+        assert r.status_code == 200 and r.json()["failed"] == 0, r.text
+        for image_id in _ids(s):
+            kept = requests.get(f"{s.url}/datastore/label/info", params={"label": image_id, "tag": "original"},
+                                timeout=TIMEOUT).json()["params"]
+            assert kept["roi_source"] == "localiser" and len(kept["roi"]) == 4, kept
+    with MonaiLabelServer(studies, model_dir, conf={"localiser": "none"}) as s:  # switched off: whole frames
+        assert requests.get(f"{s.url}/info/", timeout=TIMEOUT).json()["models"]["classify_nodule"]["model"]["localiser"] is None
+        r = requests.post(f"{s.url}/infer/classify_nodule", params={"output": "json"},
+                          files={"file": ("frame.png", open(images[0]["file"], "rb"), "image/png")}, timeout=TIMEOUT)
+        assert r.json()["roi"] is None and r.json()["roi_source"] is None and "whole image" in r.json()["warnings"][0]

@@ -32,6 +32,7 @@ from .helpers import slicer_write
 
 CLI = str(REPO / ".venv" / "bin" / "thyroid-nodule")
 CONFIGS = REPO / "configs"
+LOCALISER = REPO / "apps" / "thyroid_nodule" / "model" / "pretrained_nodule_localiser.pt"
 
 
 @dataclass
@@ -106,6 +107,8 @@ def runs(work, request) -> dict:
                                   str(work / "evaluate"), "--overlays", "1"], work, "evaluate")
         procs["predict"] = Proc([CLI, "predict", frame, str(work / "frame.nrrd"), "--model", str(model), "--out",
                                  str(work / "predict")], work, "predict")
+        procs["predict_localised"] = Proc([CLI, "predict", frame, "--model", str(model), "--out", str(work / "localised"),
+                                           "--localiser", str(LOCALISER)], work, "predict_localised")
         results = {name: p.result() for name, p in procs.items()}
     finally:
         for p in procs.values():
@@ -162,6 +165,7 @@ def test_evaluate_command(runs):
     assert _strict_json(r.stdout.strip().splitlines()[-1])["n"] == 6
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions) == 6
+    assert all(p["roi"] is None and p["roi_source"] is None for p in predictions)  # no roi, no localiser: whole frames
     labels = [p["label"] for p in predictions]
     probs = [p["prob_malignant"] for p in predictions]
     assert metrics["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-4)
@@ -179,6 +183,15 @@ def test_evaluate_command(runs):
     for o in overlays:
         with Image.open(out / "overlays" / o) as im:
             assert im.format == "PNG"
+
+
+@pytest.mark.slow
+def test_predict_command_boxes_the_frame_with_a_localiser(runs):
+    r = _ok(runs["results"]["predict_localised"], "thyroid-nodule predict --localiser")
+    line = _strict_json(r.stdout.strip().splitlines()[-1])
+    assert line["roi_source"] == "localiser" and len(line["roi"]) == 4
+    kept = json.loads((runs["work"] / "localised" / f"{Path(runs['frame']).stem}.json").read_text())
+    assert kept["roi"] == line["roi"] and kept["warnings"][0].startswith("no nodule box was given, so the nodule localiser")
 
 
 @pytest.mark.slow

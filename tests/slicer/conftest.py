@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -32,14 +33,17 @@ def scene():
     s.Clear(1)
 
 
-def start_server(root: Path, model: Path) -> MonaiLabelServer:
+def start_server(root: Path, model: Path, localiser: Optional[Path] = None) -> MonaiLabelServer:
     """A real MONAI Label server in ``root`` running the app on ``model``, with 8 confirmed and 4
-    unconfirmed DDTI frames in its studies folder."""
+    unconfirmed DDTI frames in its studies folder; ``localiser``: a nodule localiser in its model
+    folder, as shipped (none by default: frames without a box are classified whole)."""
     from thyroid_plugin.monailabel_adapter import import_collection
 
     model_dir = root / "model"
     model_dir.mkdir()
     shutil.copyfile(model, model_dir / "pretrained_classify_nodule.pt")
+    if localiser is not None:
+        shutil.copyfile(localiser, model_dir / "pretrained_nodule_localiser.pt")
     studies = root / "studies"
 
     def datalist(rows):
@@ -56,6 +60,17 @@ def start_server(root: Path, model: Path) -> MonaiLabelServer:
 def server(tmp_path_factory, small_model) -> MonaiLabelServer:
     """The server shared by the tests that do not change its model (training has its own)."""
     srv = start_server(tmp_path_factory.mktemp("slicer_server"), small_model)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def localiser_server(tmp_path_factory, small_model) -> MonaiLabelServer:
+    """A server with the shipped nodule localiser beside its model."""
+    from tests.support.paths import APP_DIR
+
+    srv = start_server(tmp_path_factory.mktemp("slicer_localiser_server"), small_model,
+                       APP_DIR / "model" / "pretrained_nodule_localiser.pt")
     yield srv
     srv.stop()
 

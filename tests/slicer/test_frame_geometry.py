@@ -361,3 +361,26 @@ def test_multipart_parser_refuses_malformed_bodies():
         with pytest.raises(MultipartError, match=message):
             parse_multipart(data, content_type)
     assert parse_multipart(body, ctype.replace(boundary, f'"{boundary}"'))["image"].data == b"\r\n--x\n" * 50
+
+
+def test_the_servers_box_is_shown_as_an_roi_that_reads_back_the_same_pixels(scene):
+    """The box a server's localiser drew comes back as a markups ROI over exactly those pixels,
+    on a plain PNG frame and on an oblique frame under a transform; one ROI per volume."""
+    from ThyroidNoduleLib import NoduleLogic
+    from ThyroidNoduleLib.volumes import vtk_matrix
+
+    logic = NoduleLogic(scene)
+    png = add_volume(scene, random_frame((1, 300, 300)), RASTER_IJK_TO_RAS, "png")
+    roi = logic.show_box(png, [37, 52, 190, 201])
+    assert logic.roi_box(png, roi) == [37, 52, 190, 201]
+    again = logic.show_box(png, [0, 0, 300, 300])  # the whole frame: edges included
+    assert again is roi and logic.roi_box(png, roi) == [0, 0, 300, 300]
+    oblique_volume = add_volume(scene, random_frame((1, 100, 120)), oblique(), "oblique")
+    shift = np.eye(4)
+    shift[:3, 3] = [10.0, -4.0, 2.5]
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "probe motion")
+    transform.SetMatrixTransformToParent(vtk_matrix(shift))
+    oblique_volume.SetAndObserveTransformNodeID(transform.GetID())
+    other = logic.show_box(oblique_volume, [20, 10, 50, 40])
+    assert other is not roi and logic.roi_box(oblique_volume, other) == [20, 10, 50, 40]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == 2

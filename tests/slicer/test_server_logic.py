@@ -285,3 +285,22 @@ def test_classify_all_adds_a_row_per_server_image(logic, scene):
         assert float(r["P(malignant)"]) == pytest.approx(result["probabilities"]["malignant"], abs=1e-6)
         assert r["Label"] == result["label"] and r["Model"] == result["model"]
     json.dumps(batch)  # plain JSON all the way
+
+
+def test_a_frame_without_a_box_comes_back_with_the_localisers_box_to_check_and_move(scene, localiser_server):
+    """A server with a nodule localiser boxes a frame sent without a box; the module shows that box
+    as a markups ROI over exactly the pixels the server used, and classifying again with it sends
+    it as the user's box (the same answer)."""
+    from ThyroidNoduleLib import NoduleLogic
+
+    logic = NoduleLogic(scene)
+    logic.connect(localiser_server.url)
+    volume = load_like_slicer(scene, Path(CONFIRMED[1]["file"]))
+    c = logic.classify(volume)
+    assert c.result["roi_source"] == "localiser" and len(c.result["roi"]) == 4
+    assert c.server_box is not None and logic.roi_box(volume, c.server_box) == c.result["roi"]
+    assert "localiser drew" in c.advice and "whole image" not in c.advice
+    again = logic.classify(volume, c.server_box)
+    assert again.result["roi_source"] == "request" and again.result["roi"] == c.result["roi"]
+    assert again.server_box is None and again.advice == ""
+    assert again.result["probabilities"] == pytest.approx(c.result["probabilities"], abs=1e-4)

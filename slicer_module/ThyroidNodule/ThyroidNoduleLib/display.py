@@ -36,6 +36,8 @@ __all__ = [
 
 REF_HEAT = "ThyroidNoduleSaliency"
 REF_MASK = "ThyroidNoduleMask"
+#: the volume's markups ROI over the box the server's nodule localiser drew
+REF_SERVER_BOX = "ThyroidNoduleServerBox"
 HEAT_COLOR_NAME = "ThyroidNodule saliency heat"
 MASK_SEGMENT_COLOR = (1.0, 0.85, 0.1)
 

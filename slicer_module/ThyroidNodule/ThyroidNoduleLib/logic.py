@@ -41,7 +41,7 @@ from .client import InferResponse, MonaiLabelClient, Timeouts
 from .errors import BadResponseError, GeometryMismatchError, InputError, ServerError, ThyroidNoduleError
 from .geometry import FrameLayout, check_result_geometry, grid_of, lps_from_ras, pixel_box_from_corners
 from .nrrd import NrrdError, read_nrrd
-from .volumes import load_frame_file, node_to_world, volume_array, volume_ijk_to_ras, write_nrrd
+from .volumes import load_frame_file, node_to_world, volume_array, volume_ijk_to_ras, vtk_matrix, write_nrrd
 
 __all__ = [
     "ATTR_IMAGE_ID",
@@ -124,6 +124,8 @@ class Classification:
         warning: a message about the mask when it could not be shown ("" otherwise).
         advice: the server's ``warnings`` about the answer, e.g. that no nodule box was given and
             the whole image was classified ("" when none).
+        server_box: the markups ROI over the box the server's nodule localiser drew for a frame
+            sent without a box (``None`` otherwise): to check, move, and classify again with it.
     """
 
     volume_name: str
@@ -139,6 +141,7 @@ class Classification:
     mask_segmentation: Any = None
     warning: str = ""
     advice: str = ""
+    server_box: Any = None
 
     def summary(self) -> str:
         """E.g. ``"Malignant (probability 0.73)"``."""
@@ -558,6 +561,32 @@ class NoduleLogic:
         ijk = [(world_to_ijk @ np.append(c, 1.0))[:3] for c in corners]
         return pixel_box_from_corners(np.asarray(ijk), FrameLayout.of(volume.GetImageData().GetDimensions()))
 
+    def show_box(self, volume, box: List[int], name: Optional[str] = None):
+        """A markups ROI over the pixels ``box`` (``[x0, y0, x1, y1]``, ``x1``/``y1`` exclusive) of
+        ``volume``'s frame, aligned with the frame's axes: :meth:`roi_box` reads exactly ``box``
+        back from it. One such ROI per volume (``display.REF_SERVER_BOX``), updated in place."""
+        volume = self._volume(volume)
+        layout = FrameLayout.of(volume.GetImageData().GetDimensions())
+        world = node_to_world(volume) @ volume_ijk_to_ras(volume)
+        lo = (box[0] - 0.5, box[1] - 0.5, -0.5)  # pixel centres are at integer indices
+        hi = (box[2] - 0.5, box[3] - 0.5, layout.dims[layout.axes[2]] - 0.5)
+        centre = np.zeros(4)
+        centre[3] = 1.0
+        for n, axis in enumerate(layout.axes):
+            centre[axis] = (lo[n] + hi[n]) / 2.0
+        columns = [world[:3, axis] for axis in layout.axes]
+        lengths = [float(np.linalg.norm(c)) for c in columns]
+        object_to_node = np.eye(4)
+        object_to_node[:3, :3] = np.stack([c / n for c, n in zip(columns, lengths)], axis=1)
+        object_to_node[:3, 3] = (world @ centre)[:3]
+        roi = volume.GetNodeReference(display.REF_SERVER_BOX)
+        if roi is None:
+            roi = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name or f"{volume.GetName()} nodule box")
+            volume.SetNodeReferenceID(display.REF_SERVER_BOX, roi.GetID())
+        roi.SetAndObserveObjectToNodeMatrix(vtk_matrix(object_to_node))
+        roi.SetSize(*[(hi[n] - lo[n]) * lengths[n] for n in range(3)])
+        return roi
+
     def prepare_frame(self, volume, roi=None) -> PreparedFrame:
         """Everything "Classify nodule" sends, read from the scene (main thread)."""
         volume = self._volume(volume)
@@ -664,11 +693,14 @@ class NoduleLogic:
                 heat = display.update_heat_volume(self.scene, volume, saliency)
                 mask_seg = display.update_mask_segmentation(self.scene, volume, binary, f"Saliency >= {threshold:.2f}")
                 display.set_overlay(self.scene, volume, heat, heat_opacity)
+        server_box = None
+        if result.get("roi_source") == "localiser" and result.get("roi"):
+            server_box = self.show_box(volume, [int(v) for v in result["roi"]])
         classification = Classification(
             volume_name=volume.GetName(), label=label, probability=probability, prob_malignant=prob_malignant,
             threshold=float(result.get("threshold", 0.5)), model=str(result.get("model", "")),
             roi=result.get("roi"), time=results.now_iso(), result=result, heat_volume=heat, mask_segmentation=mask_seg,
-            warning=warning, advice=_advice(result))
+            warning=warning, advice=_advice(result), server_box=server_box)
         row = results.result_row(volume.GetName(), prepared.server_image_id, result, "classify")
         row["Time"] = classification.time
         results.add_row(results.ensure_table(self.scene, table), row)

@@ -10,7 +10,11 @@
 - ``precision``, ``compile``, ``threshold``: inference settings (default ``configs/inference.json``;
   ``compile`` is ``off``, ``on`` or ``background``; ``threshold`` defaults to the operating point
   stored in the model file);
-- ``max_pixels``: largest frame accepted (width x height x frames).
+- ``max_pixels``: largest frame accepted (width x height x frames);
+- ``localiser``: the nodule localiser that boxes frames sent without a box (default
+  ``<model_dir>/pretrained_nodule_localiser.pt`` where that file exists, the shipped one);
+  ``none``: classify such frames whole; ``localiser_margin``: the margin added to its box
+  (default ``configs/inference.json``, 0.25 of the nodule's size).
 """
 
 from __future__ import annotations
@@ -44,6 +48,22 @@ def batch_sizes(value: Any) -> tuple:
     return sizes
 
 
+def localiser_file(value: Optional[str], model_dir: str) -> Optional[str]:
+    """The nodule localiser's file from ``--conf localiser`` (a path, or ``none``); by default the
+    shipped ``pretrained_nodule_localiser.pt`` of ``model_dir`` where it exists.
+
+    Raises:
+        ValueError: a named file that does not exist."""
+    if value is None:
+        shipped = os.path.join(model_dir, "pretrained_nodule_localiser.pt")
+        return shipped if os.path.isfile(shipped) else None
+    if str(value).strip().lower() in ("", "none", "off", "false"):
+        return None
+    if not os.path.isfile(value):
+        raise ValueError(f"--conf localiser {value}: no such file (give a localiser file or none)")
+    return str(value)
+
+
 class ClassifyNoduleConfig(TaskConfig):
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -60,6 +80,9 @@ class ClassifyNoduleConfig(TaskConfig):
         self.inference = inference
         self.network_def = cfg.get_parsed_content("network_def").network_def()
         self.device = conf.get("device", "auto")
+        if "localiser_margin" in conf:
+            inference["localiser_margin"] = float(conf["localiser_margin"])
+        self.localiser_path = localiser_file(conf.get("localiser"), self.model_dir)
         self._infer: Optional[ClassifyNodule] = None
 
     def infer(self) -> ClassifyNodule:
@@ -75,6 +98,8 @@ class ClassifyNoduleConfig(TaskConfig):
                     "threshold": None if i["threshold"] is None else float(i["threshold"]),
                     "mask_threshold": float(i["mask_threshold"]),
                     "network_def": self.network_def,
+                    "localiser_path": self.localiser_path,
+                    "localiser_margin": float(i["localiser_margin"]),
                 },
                 device=self.device,
                 max_pixels=int(i["max_pixels"]),

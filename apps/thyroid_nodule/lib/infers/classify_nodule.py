@@ -59,7 +59,8 @@ class ClassifyNodule(BasicInferTask):
         path: model files, oldest first: the shipped pretrained model, then the trained one; the
             last that exists is served (MONAI Label's convention).
         predictor_args: keyword arguments of :class:`NodulePredictor` (``precision``,
-            ``channels_last``, ``compile``, ``threshold``, ``mask_threshold``, ``network_def``).
+            ``channels_last``, ``compile``, ``threshold``, ``mask_threshold``, ``network_def``,
+            ``localiser_path``, ``localiser_margin``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         max_pixels: refuse larger frames (decompression bombs included) with 413.
 
@@ -118,7 +119,7 @@ class ClassifyNodule(BasicInferTask):
             model = p.info()
             # a metric can be NaN (e.g. AUC on a one-class validation split): JSON has no NaN
             keys = ("model", "metrics", "created", "image_size", "precision", "device", "calibration", "compiled",
-                    "compiled_batch_sizes", "compiled_ms_per_image", "compiled_cost_vs_eager")
+                    "compiled_batch_sizes", "compiled_ms_per_image", "compiled_cost_vs_eager", "localiser")
             info["model"] = json_safe({k: model[k] for k in keys})
             info["model"]["path"] = os.path.basename(p.model_path)
         except Exception as e:  # /info must answer even when the model is missing or damaged
