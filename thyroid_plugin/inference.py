@@ -49,7 +49,7 @@ NO_BOX_WARNING = ("no nodule box was given, so the whole image was classified: o
                   "is much less accurate than with a box around the nodule; draw a box unless the image is already "
                   "cropped to the nodule")
 #: the answer's note when the server's nodule localiser drew the box (``roi_source: "localiser"``;
-#: measured in docs/evaluation.md, "A localiser trained with the masks")
+#: measured in docs/evaluation.md, "A nodule localiser trained with the masks")
 LOCALISER_NOTE = ("no nodule box was given, so the nodule localiser drew one (roi): check that it is on the nodule "
                   "and draw your own box if it is not")
 #: added to :data:`NO_BOX_WARNING` when the localiser ran and found nothing
