@@ -280,6 +280,8 @@ class NodulePredictor:
         self.model_path = os.fspath(model_path)
         self.localiser_path = None if localiser_path is None else os.fspath(localiser_path)
         self.localiser_margin = float(localiser_margin)
+        if not 0.0 <= self.localiser_margin <= 2.0:  # NaN fails too
+            raise ValueError(f"localiser_margin is a fraction of the nodule's size from 0 to 2, not {localiser_margin!r}")
         self._localiser = None
         self._localiser_id: Optional[str] = None
         self.device = torch.device(device) if device not in (None, "auto") else default_device()

@@ -212,3 +212,11 @@ def test_a_damaged_or_foreign_localiser_file_is_refused_at_start(tmp_path, small
         path.write_bytes(content)
     with pytest.raises(InvalidModelError, match="nodule localiser"):
         NodulePredictor(small_model, device="cpu", localiser_path=path)
+
+
+@pytest.mark.parametrize("margin", [-0.1, float("nan"), 5.0])
+def test_a_nonsense_localiser_margin_is_refused(small_model, margin):
+    from thyroid_plugin.inference import NodulePredictor
+
+    with pytest.raises(ValueError, match="localiser_margin"):
+        NodulePredictor(small_model, device="cpu", localiser_path=SHIPPED, localiser_margin=margin)

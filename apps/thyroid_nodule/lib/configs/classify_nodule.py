@@ -82,6 +82,8 @@ class ClassifyNoduleConfig(TaskConfig):
         self.device = conf.get("device", "auto")
         if "localiser_margin" in conf:
             inference["localiser_margin"] = float(conf["localiser_margin"])
+        if not 0.0 <= float(inference["localiser_margin"]) <= 2.0:  # refused at start, not at the first request
+            raise ValueError(f"localiser_margin is a fraction of the nodule's size from 0 to 2, not {inference['localiser_margin']!r}")
         self.localiser_path = localiser_file(conf.get("localiser"), self.model_dir)
         self._infer: Optional[ClassifyNodule] = None
 
