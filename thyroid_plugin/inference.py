@@ -225,6 +225,18 @@ class ModelThread:
         self._executor.shutdown(wait=False)
 
 
+def check_localiser_margin(value: Any) -> float:
+    """The margin added to the localiser's box, as a fraction of the nodule's size: 0 to 2
+    (NaN and anything else refused with a ValueError naming the setting)."""
+    try:
+        margin = float(value)
+    except (TypeError, ValueError):
+        margin = float("nan")
+    if not 0.0 <= margin <= 2.0:  # NaN fails too
+        raise ValueError(f"localiser_margin is a fraction of the nodule's size from 0 to 2, not {value!r}")
+    return margin
+
+
 class NodulePredictor:
     """Loads a model file and classifies frames; follows the file when it is replaced.
 
@@ -279,9 +291,7 @@ class NodulePredictor:
     ) -> None:
         self.model_path = os.fspath(model_path)
         self.localiser_path = None if localiser_path is None else os.fspath(localiser_path)
-        self.localiser_margin = float(localiser_margin)
-        if not 0.0 <= self.localiser_margin <= 2.0:  # NaN fails too
-            raise ValueError(f"localiser_margin is a fraction of the nodule's size from 0 to 2, not {localiser_margin!r}")
+        self.localiser_margin = check_localiser_margin(localiser_margin)
         self._localiser = None
         self._localiser_id: Optional[str] = None
         self.device = torch.device(device) if device not in (None, "auto") else default_device()
@@ -449,7 +459,8 @@ class NodulePredictor:
             raise ValueError(f"{len(rois)} rois for {len(images)} images")
         t0 = time.perf_counter()
         sources: list = ["request" if r is not None else None for r in rois]
-        if self._localiser is not None and any(r is None for r in rois):
+        localised = self._localiser is not None and any(r is None for r in rois)
+        if localised:
             images = [im if isinstance(im, UltrasoundImage) else load_image(im) for im in images]
             rois, sources = self._localise(images, rois, sources)
         t_loc = time.perf_counter()
@@ -465,9 +476,9 @@ class NodulePredictor:
         per = len(images)
         for r, source in zip(results, sources):
             r.roi_source = source if r.roi is not None else None
-            r.localiser_ran = self._localiser is not None
+            r.localiser_ran = localised
             r.timings = {"preprocess": (t1 - t_loc) / per, "network": (t2 - t1) / per, "postprocess": (t3 - t2) / per}
-            if self._localiser is not None:
+            if localised:  # only where the localiser ran for this batch
                 r.timings["localise"] = (t_loc - t0) / per
         return results
 

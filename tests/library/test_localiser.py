@@ -173,6 +173,8 @@ def test_without_a_box_the_server_classifies_the_box_its_localiser_draws(small_m
         mixed = with_localiser.predict_batch([served_frames[0]["file"], served_frames[1]["file"]], [user, None])
         assert (mixed[0].roi, mixed[0].roi_source) == (user, "request") and mixed[0].to_json()["warnings"] == []
         assert mixed[1].roi_source == "localiser" and "localise" in mixed[1].timings
+        boxed_only = with_localiser.predict(served_frames[0]["file"], roi=user)
+        assert "localise" not in boxed_only.timings and boxed_only.roi_source == "request"  # it did not run
         info = with_localiser.info()["localiser"]
         assert info["model"] == model_identity(SHIPPED) and info["margin"] == 0.25
         assert info["val_box_iou"] == localiser.record["val_box_iou"]
@@ -214,7 +216,7 @@ def test_a_damaged_or_foreign_localiser_file_is_refused_at_start(tmp_path, small
         NodulePredictor(small_model, device="cpu", localiser_path=path)
 
 
-@pytest.mark.parametrize("margin", [-0.1, float("nan"), 5.0])
+@pytest.mark.parametrize("margin", [-0.1, float("nan"), 5.0, "wide"])
 def test_a_nonsense_localiser_margin_is_refused(small_model, margin):
     from thyroid_plugin.inference import NodulePredictor
 

@@ -28,7 +28,7 @@ from monailabel.interfaces.config import TaskConfig
 from thyroid_plugin.checkpoint import load_checkpoint, model_identity, network_from_checkpoint, validation_metrics
 from thyroid_plugin.config import load_config
 from thyroid_plugin.errors import InvalidModelError
-from thyroid_plugin.inference import compile_mode
+from thyroid_plugin.inference import check_localiser_margin, compile_mode
 from thyroid_plugin.io import atomic_copy_file, json_safe
 
 from ..activelearning import MostUncertain
@@ -80,10 +80,8 @@ class ClassifyNoduleConfig(TaskConfig):
         self.inference = inference
         self.network_def = cfg.get_parsed_content("network_def").network_def()
         self.device = conf.get("device", "auto")
-        if "localiser_margin" in conf:
-            inference["localiser_margin"] = float(conf["localiser_margin"])
-        if not 0.0 <= float(inference["localiser_margin"]) <= 2.0:  # refused at start, not at the first request
-            raise ValueError(f"localiser_margin is a fraction of the nodule's size from 0 to 2, not {inference['localiser_margin']!r}")
+        # refused at start, not at the first request
+        inference["localiser_margin"] = check_localiser_margin(conf.get("localiser_margin", inference["localiser_margin"]))
         self.localiser_path = localiser_file(conf.get("localiser"), self.model_dir)
         self._infer: Optional[ClassifyNodule] = None
 
