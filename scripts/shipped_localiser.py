@@ -36,23 +36,11 @@ from thyroid_plugin.io import load_image  # noqa: E402
 from thyroid_plugin.io.atomic import atomic_write_json  # noqa: E402
 from thyroid_plugin.lesion import margin_box  # noqa: E402
 from thyroid_plugin.localiser import LocaliserFrames, NoduleLocaliser, evaluate_boxes, train_localiser  # noqa: E402
-from thyroid_plugin.metrics import binary_metrics  # noqa: E402
+from thyroid_plugin.metrics import binary_metrics, paired_auc_difference_ci  # noqa: E402
 from thyroid_plugin.reports import plot_boxes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MARGIN = 0.25
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, labels: np.ndarray, n: int = 2000, seed: int = 0) -> list[float]:
-    """95 % interval of AUC(a) - AUC(b) over frames resampled with replacement (both classes kept)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        idx = rng.integers(0, len(labels), len(labels))
-        if labels[idx].min() == labels[idx].max():
-            continue
-        out.append(binary_metrics(a[idx], labels[idx])["auc"] - binary_metrics(b[idx], labels[idx])["auc"])
-    return [round(float(np.percentile(out, 2.5)), 3), round(float(np.percentile(out, 97.5)), 3)]
 
 
 def main() -> int:
@@ -101,8 +89,8 @@ def main() -> int:
     for key, p in probs.items():
         out[f"auc {key}"] = round(binary_metrics(p, labels)["auc"], 3)
         if key != "25 % box":
-            out[f"auc {key} - 25 % box, 95 % CI"] = paired_bootstrap(p, probs["25 % box"], labels)
-    out["auc localiser box - whole frame, 95 % CI"] = paired_bootstrap(probs["localiser box"], probs["whole frame"], labels)
+            out[f"auc {key} - 25 % box, 95 % CI"] = paired_auc_difference_ci(p, probs["25 % box"], labels)
+    out["auc localiser box - whole frame, 95 % CI"] = paired_auc_difference_ci(probs["localiser box"], probs["whole frame"], labels)
     print(json.dumps(out, indent=1))
     if args.report:
         atomic_write_json(args.report, out)

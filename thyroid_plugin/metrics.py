@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-__all__ = ["METRIC_NAMES", "OPERATING_POINT_METRICS", "THRESHOLDED_METRICS", "binary_metrics", "operating_point_metrics", "youden_threshold"]
+__all__ = ["METRIC_NAMES", "OPERATING_POINT_METRICS", "THRESHOLDED_METRICS", "auc_bootstrap_ci", "binary_metrics",
+           "operating_point_metrics", "paired_auc_difference_ci", "youden_threshold"]
 
 #: the keys of :func:`binary_metrics`, in report order
 METRIC_NAMES = ("auc", "accuracy", "sensitivity", "specificity", "f1", "balanced_accuracy")
@@ -82,3 +83,30 @@ def operating_point_metrics(prob_malignant: Sequence[float], labels: Sequence[in
     """
     t = youden_threshold(prob_malignant, labels) if threshold is None else float(threshold)
     return {**binary_metrics(prob_malignant, labels, t), "threshold": t}
+
+
+def _bootstrap(statistic, labels: Sequence[int], n: int, seed: int) -> list[float]:
+    """95 % percentile interval of ``statistic(idx)`` over ``n`` resamples of the cases with
+    replacement (resamples holding one class only are skipped: no AUC there)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, len(labels), len(labels))
+        if labels[idx].min() != labels[idx].max():
+            values.append(statistic(idx))
+    return [round(float(np.percentile(values, 2.5)), 3), round(float(np.percentile(values, 97.5)), 3)]
+
+
+def auc_bootstrap_ci(scores: Sequence[float], labels: Sequence[int], n: int = 2000, seed: int = 0) -> list[float]:
+    """95 % bootstrap interval ``[low, high]`` of the ROC-AUC of ``scores``."""
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels)
+    return _bootstrap(lambda idx: _auc(s[idx], y[idx]), y, n, seed)
+
+
+def paired_auc_difference_ci(a: Sequence[float], b: Sequence[float], labels: Sequence[int], n: int = 2000,
+                             seed: int = 0) -> list[float]:
+    """95 % paired bootstrap interval of AUC(a) - AUC(b): two scorings of the same cases,
+    resampled together (an interval holding 0: no evidence of a difference)."""
+    a, b, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float), np.asarray(labels)
+    return _bootstrap(lambda idx: _auc(a[idx], y[idx]) - _auc(b[idx], y[idx]), y, n, seed)

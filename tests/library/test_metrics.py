@@ -76,3 +76,20 @@ def test_undefined_values_are_nan():
 def test_length_mismatch():
     with pytest.raises(ValueError, match="3 probabilities for 2 labels"):
         binary_metrics([0.1, 0.2, 0.3], [0, 1])
+
+
+def test_bootstrap_intervals_hold_the_auc_and_tell_two_scorings_apart():
+    from thyroid_plugin.metrics import auc_bootstrap_ci, paired_auc_difference_ci
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 120)
+    good = labels + rng.normal(0, 0.7, 120)  # separates the classes
+    noise = rng.normal(0, 1, 120)  # does not
+    low, high = auc_bootstrap_ci(good, labels)
+    assert low < binary_metrics(good, labels)["auc"] < high and high - low < 0.25
+    low, high = paired_auc_difference_ci(good, noise, labels)
+    assert 0 < low < high  # good is better, and the interval says so
+    assert paired_auc_difference_ci(noise, noise, labels) == [0.0, 0.0]
+    # a handful of cases: wide, not a crash (resamples with one class are skipped)
+    few = auc_bootstrap_ci([0.2, 0.8, 0.6], [0, 1, 1])
+    assert 0.0 <= few[0] <= few[1] <= 1.0

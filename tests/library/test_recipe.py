@@ -384,9 +384,9 @@ def test_the_pretraining_has_its_own_patience_when_given(tmp_path, monkeypatch, 
         run_dir.mkdir(parents=True)  # as training does
         return torch.nn.Linear(1, 1), {"epoch": 1, "metrics": {}, "epochs_run": 1, "stopped_by": None}
 
-    monkeypatch.setattr(evaluation, "_train_variant", train_variant)
+    monkeypatch.setattr(evaluation, "train_variant", train_variant)
     settings = {**evaluation.PROTOCOLS["compact"], **given}
-    evaluation._pretrained(tmp_path / "out", "single_branch", settings, tmp_path, [], [], "cpu", None)
+    evaluation.pretrained_weights(tmp_path / "out", "single_branch", settings, tmp_path, [], [], "cpu", None)
     assert seen == {"patience": expected, "epochs": 8} and settings["early_stop_patience"] == 6  # the folds keep theirs
 
 
