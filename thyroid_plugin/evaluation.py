@@ -359,7 +359,9 @@ def run_protocol(
                 "epochs_run": best.get("epochs_run"), "time_budget_s": budget, "stopped_by": best.get("stopped_by"),
             }
             atomic_write_json(result_path, result)
-            keep = split.name in ("fold1", "logiq7_to_others")  # kept for the overlay figures
+            # kept: the overlay figures' splits, and both cross-scanner classifiers (whole-frame and
+            # localiser measurements on the other scanners, scripts/localiser_eval.py)
+            keep = split.name in ("fold1", "logiq7_to_others") or split.dataset == "busbra_cross"
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             if keep:
                 shutil.move(str(run_dir / "model.pt"), str(result_path.with_suffix(".pt")))
