@@ -63,19 +63,24 @@ MARGIN = 0.25
 VAL_FRACTION = 0.2
 
 
-def served_probabilities(model: str, localiser: str, images: list, rois: dict) -> tuple[dict, float]:
-    """P(malignant) of each input (``rois``: name -> a roi per frame) as ``model`` serves them,
+def served_scores(model: str, localiser: str, images: list, boxed: list) -> tuple[dict, float]:
+    """P(malignant) of each frame as ``model`` serves it, per input: ``boxed`` (a user's box per
+    frame), no box (the localiser draws one) and the whole frame (served without a localiser);
     and the threshold it serves with."""
-    predictor = NodulePredictor(model, device="cpu", compile=False, localiser_path=localiser)
-    try:
-        probs = {}
-        for name, boxes in rois.items():
-            probs[name] = np.array([p.probabilities["malignant"]
-                                    for start in range(0, len(images), 16)
-                                    for p in predictor.predict_batch(images[start:start + 16], boxes[start:start + 16])])
-        return probs, float(predictor.info()["threshold"])
-    finally:
-        predictor.close()
+    def probabilities(predictor: NodulePredictor, rois: list) -> np.ndarray:
+        return np.array([p.probabilities["malignant"] for start in range(0, len(images), 16)
+                         for p in predictor.predict_batch(images[start:start + 16], rois[start:start + 16])])
+
+    scores = {}
+    for localiser_path, inputs in ((localiser, {"25 % box": boxed, "no box (localiser)": [None] * len(images)}),
+                                   (None, {"whole frame": [None] * len(images)})):
+        predictor = NodulePredictor(model, device="cpu", compile=False, localiser_path=localiser_path)
+        try:
+            scores.update({name: probabilities(predictor, rois) for name, rois in inputs.items()})
+            threshold = float(predictor.info()["threshold"])
+        finally:
+            predictor.close()
+    return scores, threshold
 
 
 def main() -> int:
@@ -133,12 +138,9 @@ def main() -> int:
     frames = LocaliserFrames(test, NoduleLocaliser.load(args.localiser).image_size)
     images = [load_image(d["image"]) for d in frames.items]
     labels = np.array([int(d["label"]) for d in frames.items])
-    rois = {"25 % box": [list(margin_box(b, MARGIN, s)) for b, s in zip(frames.boxes, frames.shapes)],
-            "no box (localiser)": [None] * len(images)}
-    served = {"recipe": served_probabilities(str(model), args.localiser, images, rois),
-              "shipped": served_probabilities(args.shipped, args.localiser, images, rois)}
-    whole = {"recipe": served_probabilities(str(model), None, images, {"whole frame": [None] * len(images)}),
-             "shipped": served_probabilities(args.shipped, None, images, {"whole frame": [None] * len(images)})}
+    boxed = [list(margin_box(b, MARGIN, s)) for b, s in zip(frames.boxes, frames.shapes)]
+    served = {"recipe": served_scores(str(model), args.localiser, images, boxed),
+              "shipped": served_scores(args.shipped, args.localiser, images, boxed)}
     out = {"test_frames": len(images), "malignant": int(labels.sum()), "train_frames": len(fit), "val_frames": len(val),
            "recipe_model": model_identity(model), "shipped_model": model_identity(args.shipped),
            "recipe": {k: v for k, v in recipe["recipe"].items() if k != "settings"},
@@ -146,15 +148,13 @@ def main() -> int:
     for name in ("25 % box", "no box (localiser)", "whole frame"):
         per = {}
         for who in ("recipe", "shipped"):
-            probs, threshold = (whole if name == "whole frame" else served)[who]
+            probs, threshold = served[who]
             p = probs[name]
             m = binary_metrics(p, labels, threshold)
             per[who] = {"auc": round(m["auc"], 3), "auc_95ci": auc_bootstrap_ci(p, labels),
                         "ece": round(expected_calibration_error(p, labels), 3), "threshold": round(threshold, 4),
                         **{k: round(m[k], 3) for k in ("sensitivity", "specificity", "balanced_accuracy")}}
-        per["auc recipe - shipped, 95 % CI"] = paired_auc_difference_ci(
-            (whole if name == "whole frame" else served)["recipe"][0][name],
-            (whole if name == "whole frame" else served)["shipped"][0][name], labels)
+        per["auc recipe - shipped, 95 % CI"] = paired_auc_difference_ci(served["recipe"][0][name], served["shipped"][0][name], labels)
         out["inputs"][name] = per
     better = all(out["inputs"][k]["recipe"]["auc"] > out["inputs"][k]["shipped"]["auc"] for k in ("25 % box", "no box (localiser)"))
     out["decision"] = "replace the shipped model" if better else "keep the shipped model"

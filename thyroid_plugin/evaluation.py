@@ -337,11 +337,11 @@ def run_protocol(
             start = None
             if _pretrains(split, settings):
                 start = pretrained_weights(out_dir, variant, settings, data_root, train_tf, val_tf, device, progress,
-                                    budgets.get(("pretrain", variant)))
+                                           budgets.get(("pretrain", variant)))
             train = recipe_train_list(split.dataset, split.train, settings, data_root) if crops is not None else split.train
             budget = budgets.get((split.dataset, split.name, variant))
             network, best = train_variant(variant, settings, train, split.val, run_dir, train_tf, val_tf, device, start,
-                                           time_budget_s=budget)
+                                          time_budget_s=budget)
             t_eval = time.time()
             if crops is not None:
                 evaluation = evaluate_recipe(network, variant, split.test, crops, _validation_of(best), evaluate)
@@ -402,8 +402,8 @@ def run_budgets(splits: Sequence[Split], variants: Sequence[str], settings: Mapp
 
 
 def train_variant(variant: str, settings: Mapping[str, Any], train: Sequence[Mapping], val: Sequence[Mapping], run_dir: Path,
-                   train_tf: list, val_tf: list, device: str, start: Optional[Mapping] = None,
-                   epochs: Optional[int] = None, time_budget_s: Optional[float] = None) -> tuple[torch.nn.Module, dict]:
+                  train_tf: list, val_tf: list, device: str, start: Optional[Mapping] = None,
+                  epochs: Optional[int] = None, time_budget_s: Optional[float] = None) -> tuple[torch.nn.Module, dict]:
     """Train one variant (from ``start`` weights if given) and return the network at its best
     validation epoch (on ``device``, float32) and that model file's payload. An interrupted run
     resumes from its checkpoints in ``run_dir``."""
@@ -464,7 +464,7 @@ def _validation_of(best: Mapping) -> Optional[tuple[list, list]]:
 
 
 def pretrained_weights(out_dir: Path, variant: str, settings: Mapping[str, Any], data_root: Path, train_tf: list, val_tf: list,
-                device: str, progress: Optional[Callable[[str], None]], time_budget_s: Optional[float] = None) -> dict:
+                       device: str, progress: Optional[Callable[[str], None]], time_budget_s: Optional[float] = None) -> dict:
     """Weights of ``variant`` pre-trained on all of BUS-BRA (trained once per protocol folder,
     kept as ``pretrain/<variant>.pt``, resumable)."""
     done = out_dir / "pretrain" / f"{variant}.pt"
@@ -475,7 +475,7 @@ def pretrained_weights(out_dir: Path, variant: str, settings: Mapping[str, Any],
         # its own patience where given (a pre-training on many frames may improve slowly and late)
         pretrain = {**settings, "early_stop_patience": settings.get("pretrain_patience", settings.get("early_stop_patience", 0))}
         network, best = train_variant(variant, pretrain, train, val, done.parent / f"{variant}_train", train_tf, val_tf,
-                                       device, epochs=settings.get("pretrain_epochs"), time_budget_s=time_budget_s)
+                                      device, epochs=settings.get("pretrain_epochs"), time_budget_s=time_budget_s)
         # the validation frames are kept with the weights: held-out figures of the pre-trained network
         # must use exactly these (scripts/whole_frame_eval.py), whatever the split code becomes
         payload = io.BytesIO()  # written whole or not at all: a file there means a finished pre-training
