@@ -90,14 +90,15 @@ PROTOCOLS["compact"] = {**PROTOCOLS["medium"], "image_size": 96, "epochs": 20, "
 # (each variant's own loss form), every variant on DDTI's 5 folds (from BUS-BRA pre-training) and
 # BUS-BRA cross-device. Training time is capped: ``time_budget_s`` for all the protocol's
 # training, shared among its runs by training-set size, each run stopping after the epoch that
-# spends its share (or earlier: patience, the epoch cap); evaluation and data preparation come on
-# top (about 3 minutes of an 8-minute budget set aside for them, on one H200: an estimate, not a
-# measurement, since no device has run it yet). ``num_workers`` loader processes keep the GPU fed
-# (the training crops and augmentation cost about 16 ms an image on one core of the 2-core
-# development VM, so 12 processes give some 750 images/s); evaluation runs on the device and
-# reuses the evaluation crops across variants.
+# spends its share (or earlier: patience, the epoch cap); start-up, evaluation and each run's
+# set-up come on top. Measured on one H200 with 16 cores (docs/evaluation.md): training steps at
+# 224 px run at 650-790 frames/s for the saliency-guided variants (2,900-3,800 for single branch
+# and ResNet-18), while an epoch of the BUS-BRA pre-training (1,615 frames, validation included)
+# took 2.8-4.4 s with 12 loader processes, 370-580 frames/s: loader-bound, so ``num_workers``
+# takes 14 of the 16 cores (the main process keeps two). Evaluation runs on the device and reuses
+# the evaluation crops across variants.
 PROTOCOLS["gpu"] = {**PROTOCOLS["medium"], "image_size": 224, "lr": 1e-4, "batch_size": 32, "epochs": 30,
-                    "pretrain_epochs": 30, "early_stop_patience": 8, "time_budget_s": 300, "num_workers": 12,
+                    "pretrain_epochs": 30, "early_stop_patience": 8, "time_budget_s": 300, "num_workers": 14,
                     "cache_eval_inputs": True, "datasets": ["ddti", "busbra_cross"]}
 
 #: the protocols' datasets (see the module docstring)
