@@ -499,6 +499,7 @@ def fit(
     set_determinism(seed=settings.seed + rank)
     meta_tracking = get_track_meta()
     set_track_meta(False)  # plain tensors: the metadata is not needed in training and costs time
+    train_loader = val_loader = None
     try:
         forward_model = _prepare_network(network, loss_fn, train_list, device, settings, world_size)
         train_loader, sampler, val_loader = _training_loaders(train_list, val_list, settings, rank, world_size, train_transforms, val_transforms)
@@ -525,7 +526,7 @@ def fit(
         return _run(trainer, train_loader, settings.epochs, stats, stats_paths, tensorboard)
     finally:
         set_track_meta(meta_tracking)
-        _release_workers(locals().get("train_loader"), locals().get("val_loader"))
+        _release_workers(train_loader, val_loader)
 
 
 def _release_workers(*loaders) -> None:

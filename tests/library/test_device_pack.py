@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,5 +80,5 @@ def test_a_colour_frame_is_refused_with_its_name(tmp_path):
     with open(data / "ddti" / "labels.csv", newline="") as fp:
         first = next(csv.DictReader(fp))["file"]
     Image.open(data / "ddti" / first).convert("RGB").save(data / "ddti" / first)
-    with pytest.raises(SystemExit, match="expected an 8-bit gray frame"):
+    with pytest.raises(SystemExit, match=re.escape(f"{Path(first).name}: expected an 8-bit gray frame")):
         _pack_module().main(["--data", str(data), "--out", str(tmp_path / "part")])
