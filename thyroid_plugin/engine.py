@@ -535,10 +535,10 @@ def _release_workers(*loaders) -> None:
     piled up hundreds of idle workers, and each collection then stalled in torch's shutdown
     (seconds per worker)."""
     for loader in loaders:
-        iterator = getattr(loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        if loader is not None and hasattr(loader, "_iterator"):
+        iterator = getattr(loader, "_iterator", None)  # None: no loader, or no persistent workers
+        if iterator is not None:
+            if hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
             loader._iterator = None
 
 
