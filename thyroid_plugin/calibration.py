@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 
-__all__ = ["CALIBRATION_METHODS", "Calibration", "calibrate_probabilities", "expected_calibration_error", "fit_calibration",
-           "fit_platt", "fit_temperature", "fold_calibration", "fold_temperature", "plot_reliability",
-           "probabilities_to_margins", "reliability_bins", "scale_probabilities"]
+__all__ = ["CALIBRATION_METHODS", "Calibration", "calibrate_model_file", "calibrate_on_kept_validation",
+           "calibrate_probabilities", "expected_calibration_error", "fit_calibration", "fit_platt", "fit_temperature",
+           "fold_calibration", "fold_temperature", "plot_reliability", "probabilities_to_margins", "reliability_bins",
+           "scale_probabilities"]
 
 _EPS = 1e-7
 
@@ -307,3 +308,20 @@ def calibrate_model_file(path: str, prob_malignant: Sequence[float], labels: Seq
     apply_operating_point(payload, youden_threshold(calibrated.tolist(), list(labels)), (calibrated.tolist(), list(labels)))
     record["model"] = write_payload(path, payload)  # one atomic write: weights, threshold and figures agree
     return record
+
+
+def calibrate_on_kept_validation(path: str, method: str = "platt") -> Optional[dict]:
+    """Calibrate a model file on the validation predictions it keeps (``engine.fit`` stores its
+    best epoch's; a retrain on a site's confirmed cases thereby calibrates on that site's own
+    held-out cases): :func:`calibrate_model_file` with them. ``None`` (the file left as it is)
+    when it keeps none or they hold one class only, where there is nothing to calibrate against.
+
+    Returns the ``calibration`` record (with the new ``model`` identity) or ``None``."""
+    from .checkpoint import load_checkpoint, stored_validation
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; one of {', '.join(CALIBRATION_METHODS)}")
+    scores = stored_validation(load_checkpoint(path).get("validation"))
+    if scores is None or len(set(scores[1])) < 2:
+        return None
+    return calibrate_model_file(path, *scores, method=method)

@@ -152,7 +152,7 @@ def validation_metrics(payload: Mapping[str, Any], threshold: Optional[float] = 
     stored = dict(payload.get("metrics") or {})
     t = float(payload.get("threshold", 0.5) if threshold is None else threshold)
     untouched = {k: v for k, v in stored.items() if k not in THRESHOLDED_METRICS and k != "threshold"}
-    scores = _stored_scores(payload.get("validation"))
+    scores = stored_validation(payload.get("validation"))
     if scores is not None:
         return {**untouched, **operating_point_metrics(*scores, t)}
     if abs(t - 0.5) < 1e-9:
@@ -160,7 +160,7 @@ def validation_metrics(payload: Mapping[str, Any], threshold: Optional[float] = 
     return {**untouched, "threshold": t}
 
 
-def _stored_scores(record: Any) -> Optional[tuple[list, list]]:
+def stored_validation(record: Any) -> Optional[tuple[list, list]]:
     """``(prob_malignant, labels)`` of a file's ``validation`` record; ``None`` if it has none
     (or a malformed one: a model file may come from anywhere)."""
     if not isinstance(record, Mapping):

@@ -31,6 +31,8 @@ def _add_train(sub) -> None:
     p.add_argument("--config", default="train", help="config file (default configs/train.json)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: GPU if present)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    p.add_argument("--calibration", choices=["platt", "temperature", "none"],
+                   help="calibrate the best model on its validation predictions (default: configs/train.json calibration)")
 
 
 def _add_evaluate(sub) -> None:
@@ -144,11 +146,25 @@ def cmd_train(args) -> int:
     parser = load_config(args.config, overrides)
     stats = parser.get_parsed_content("run")
     metrics = stats.get("metrics") or {}
-    from .io import json_safe
+    from .io import atomic_write_json, json_safe
 
+    model = Path(args.out) / "model.pt"
+    calibration = None
+    method = (args.calibration or parser.get("calibration", "platt")) if model.is_file() else "none"
+    if method != "none":
+        from .calibration import calibrate_on_kept_validation
+        from .checkpoint import load_checkpoint, validation_metrics
+        from .metrics import OPERATING_POINT_METRICS
+
+        calibration = calibrate_on_kept_validation(str(model), method)
+        if calibration is not None:  # the same cut between the same cases, at the calibrated threshold
+            at = validation_metrics(load_checkpoint(model))
+            metrics = {k: at.get(k) for k in OPERATING_POINT_METRICS}
+            atomic_write_json(Path(args.out) / "metrics.json", metrics)
     # undefined metrics (NaN, e.g. AUC on a one-class validation split) are printed as null: valid JSON
-    print(json.dumps(json_safe({"model": str(Path(args.out) / "model.pt"), "best_epoch": stats.get("best_metric_epoch"),
-                                "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}})))
+    print(json.dumps(json_safe({"model": str(model), "best_epoch": stats.get("best_metric_epoch"),
+                                "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
+                                "calibration": calibration and {k: v for k, v in calibration.items() if k != "model"}})))
     return 0
 
 

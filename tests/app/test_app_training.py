@@ -109,6 +109,11 @@ def test_training_publishes_a_new_model_that_the_server_follows(server):
     # every model's figures are at the threshold it serves with: the new one's, and the old one's as the baseline
     assert stats["metrics"]["threshold"] == after["threshold"]
     assert stats["baseline"]["metrics"]["threshold"] == before["threshold"]
+    # published calibrated on the site's held-out confirmed cases: /info says how, as the run's stats do
+    assert stats["calibration"]["method"] == "platt" and stats["calibration"]["n"] == stats["val_size"]
+    shown = requests.get(f"{server.url}/info/", timeout=TIMEOUT).json()["models"]["classify_nodule"]["model"]["calibration"]
+    assert shown["scale"] == pytest.approx(stats["calibration"]["scale"])
+    assert shown["shift"] == pytest.approx(stats["calibration"]["shift"])
 
     # a second run on more cases keeps every earlier case on its side of the split
     split_file = server.model_dir / "classify_nodule_split.json"

@@ -129,6 +129,11 @@ def test_train_command(runs):
     assert set(metrics) == set(OPERATING_POINT_METRICS)
     stats = json.loads((work / "train" / "train_stats.json").read_text())
     assert stats["status"] == "done" and stats["train_size"] + stats["val_size"] == 6
+    # calibrated (configs/train.json: Platt) on its validation frames; the figures are at the calibrated threshold
+    assert summary["calibration"]["method"] == "platt" and summary["calibration"]["n"] == stats["val_size"]
+    assert payload["calibration"]["scale"] == pytest.approx(summary["calibration"]["scale"])
+    assert summary["metrics"]["threshold"] == pytest.approx(payload["threshold"], abs=1e-4)
+    assert metrics["threshold"] == pytest.approx(payload["threshold"])
 
 
 @pytest.mark.slow

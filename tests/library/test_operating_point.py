@@ -171,3 +171,49 @@ def test_validation_metrics_of_a_file_without_stored_predictions():
     damaged = {**legacy, "validation": {"prob_malignant": [0.2, "x"], "label": [0]}}
     assert validation_metrics(damaged) == {"auc": 0.9, "loss": 0.3, "threshold": 0.879}
 
+
+
+def test_a_trained_model_calibrates_on_the_validation_predictions_it_keeps(tmp_path, small_model):
+    """What a retrain does before it publishes (server and ``thyroid-nodule train``): Platt
+    scaling fitted on the best epoch's validation predictions that the file keeps, folded into
+    the weights; the threshold follows (the same cut between the same cases). A file whose kept
+    predictions hold one class is left byte for byte as it was."""
+    from thyroid_plugin.calibration import (calibrate_on_kept_validation, calibrate_probabilities,
+                                            expected_calibration_error, fit_platt)
+    from thyroid_plugin.checkpoint import apply_operating_point, write_payload
+
+    model = tmp_path / "m.pt"
+    rng = np.random.default_rng(0)
+    # a class-balanced network on a site where 5 in 6 nodules are malignant: answers near 0.5
+    labels = [1] * 25 + [0] * 5
+    probs = [float(np.clip(0.5 + 0.08 * (y - 0.5) + rng.normal(0, 0.08), 0.05, 0.95)) for y in labels]
+    payload = load_checkpoint(small_model)
+    payload.pop("calibration", None)
+    write_payload(model, apply_operating_point(payload, 0.5, (probs, labels)))
+    frame = ddti_subset(1, 0)[0]["file"]
+    before = NodulePredictor(model).predict(frame).probabilities["malignant"]
+
+    record = calibrate_on_kept_validation(str(model))
+    scale, shift = fit_platt(probs, labels)
+    assert record["method"] == "platt" and record["n"] == 30
+    assert record["scale"] == pytest.approx(scale, rel=1e-3) and record["shift"] == pytest.approx(shift, abs=1e-3)
+    assert record["val_ece_before"] == pytest.approx(expected_calibration_error(probs, labels))
+    assert record["val_ece_after"] < record["val_ece_before"]
+    stored = load_checkpoint(model)
+    calibrated = calibrate_probabilities(probs, scale, shift)
+    assert stored["validation"]["prob_malignant"] == pytest.approx(calibrated.tolist(), abs=1e-6)
+    assert stored["threshold"] == pytest.approx(youden_threshold(calibrated.tolist(), labels))
+    assert validation_metrics(stored)["auc"] == pytest.approx(validation_metrics(payload)["auc"])  # ranking kept
+    served = NodulePredictor(model)
+    assert served.info()["calibration"]["method"] == "platt"
+    after = served.predict(frame).probabilities["malignant"]
+    assert after == pytest.approx(float(calibrate_probabilities([before], scale, shift)[0]), abs=3e-3)  # fp16 weights
+
+    # nothing to calibrate against: the file stays as it was
+    one_class = tmp_path / "one_class.pt"
+    write_payload(one_class, apply_operating_point(load_checkpoint(small_model), 0.5, (probs[:25], labels[:25])))
+    content = one_class.read_bytes()
+    assert calibrate_on_kept_validation(str(one_class)) is None
+    assert one_class.read_bytes() == content
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        calibrate_on_kept_validation(str(one_class), "isotonic")

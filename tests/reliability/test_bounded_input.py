@@ -273,7 +273,8 @@ def test_importing_the_library_leaves_the_umask_alone_and_files_get_the_usual_mo
 @pytest.mark.parametrize("options", [{"max_epochs": -1}, {"max_epochs": 0}, {"max_epochs": 1.5}, {"val_split": 2},
                                      {"val_split": 0}, {"learning_rate": "abc"}, {"learning_rate": -1},
                                      {"train_batch_size": 0}, {"pretrained": "yes"}, {"publish": "never"},
-                                     {"early_stop_patience": -2}, {"max_epochs": 10 ** 400}, [1, 2]])
+                                     {"early_stop_patience": -2}, {"max_epochs": 10 ** 400}, {"calibration": "isotonic"},
+                                     {"calibration": None}, [1, 2]])
 def test_bad_train_options_are_refused(options):
     app_lib()
     from lib.trainers.classify_nodule import check_train_options
@@ -287,7 +288,9 @@ def test_good_train_options_pass():
     from lib.trainers.classify_nodule import check_train_options
 
     check_train_options({"max_epochs": 2, "val_split": 0.25, "learning_rate": 1e-4, "train_batch_size": 4,
-                         "pretrained": False, "publish": "always", "early_stop_patience": 0, "device": "cpu"})
+                         "pretrained": False, "publish": "always", "early_stop_patience": 0, "device": "cpu",
+                         "calibration": "none"})
+    check_train_options({"calibration": "temperature"})
 
 
 def test_answers_name_no_server_paths_and_no_tracebacks(tmp_path):

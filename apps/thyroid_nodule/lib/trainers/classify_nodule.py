@@ -4,7 +4,10 @@ Trains on every confirmed case of the datastore. The validation split is grouped
 fixed across retrains (``model/classify_nodule_split.json``). The best model of a run is
 published only when the run completes (and, by default, only if it scores at least as well as
 the served model on the same validation cases); a failed or stopped run leaves the served model
-as it was.
+as it was. Before it is published, the run's model is calibrated (Platt scaling by default,
+``calibration`` in ``configs/train.json``) on its best epoch's predictions for the validation
+cases: the site's own confirmed cases, the calibration that carries to its scanners
+(docs/evaluation.md, "Calibrating at the site").
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from monai.inferers import SimpleInferer
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
+from thyroid_plugin.calibration import CALIBRATION_METHODS, calibrate_on_kept_validation
 from thyroid_plugin.checkpoint import load_checkpoint, model_identity, network_from_checkpoint, validation_metrics
 from thyroid_plugin.config import load_config
 from thyroid_plugin.data import FixedGroupSplit, class_counts, datalist_from_datastore
@@ -44,7 +48,8 @@ class ClassifyNoduleTrainer(BasicTrainTask):
     Request options (``POST /train/classify_nodule`` body; defaults from ``configs/train.json``):
     ``max_epochs``, ``train_batch_size``, ``val_batch_size``, ``learning_rate``, ``val_split``,
     ``early_stop_patience``, ``pretrained`` (start from the served model), ``publish``
-    (``"if_better"`` or ``"always"``), ``device``, ``multi_gpu``, ``gpus`` (MONAI Label's
+    (``"if_better"`` or ``"always"``), ``calibration`` (``"platt"``, ``"temperature"`` or
+    ``"none"``), ``device``, ``multi_gpu``, ``gpus`` (MONAI Label's
     distributed data-parallel training over several GPUs).
     """
 
@@ -61,6 +66,7 @@ class ClassifyNoduleTrainer(BasicTrainTask):
             "early_stop_patience": int(training["early_stop_patience"]),
             "pretrained": True,
             "publish": "if_better",
+            "calibration": str(self._train_cfg.get("calibration", "platt")),
         }
         super().__init__(model_dir, description, config=config, publish_path=publish_path,
                          tracking=None, **kwargs)
@@ -199,9 +205,20 @@ class ClassifyNoduleTrainer(BasicTrainTask):
                 val_transforms=self.val_pre_transforms(context),
             )
             if rank == 0:
-                if self._threshold is not None and (Path(context.output_dir) / "model.pt").is_file():
-                    # the run's metrics where its model will serve: at the configured threshold
-                    at = validation_metrics(load_checkpoint(Path(context.output_dir) / "model.pt"), self._threshold)
+                run_model = Path(context.output_dir) / "model.pt"
+                method = request.get("calibration", self._config.get("calibration", "platt"))
+                if method != "none" and run_model.is_file():
+                    # honest probabilities on this site's held-out confirmed cases; the ranking (AUC)
+                    # and the cut between cases stay, the threshold moves with the probabilities
+                    stats["calibration"] = calibrate_on_kept_validation(str(run_model), method)
+                    if stats["calibration"] is not None:
+                        stats["model"] = stats["calibration"]["model"]
+                        print(f"[train] calibrated ({method}) on {stats['calibration']['n']} validation frames: "
+                              f"ECE {stats['calibration']['val_ece_before']:.3f} -> "
+                              f"{stats['calibration']['val_ece_after']:.3f}", flush=True)
+                if run_model.is_file():
+                    # the run's metrics where its model will serve: at the configured threshold, else its own
+                    at = validation_metrics(load_checkpoint(run_model), self._threshold)
                     stats["metrics"] = {k: at.get(k) for k in OPERATING_POINT_METRICS}
                 stats = self._publish(context, stats, baseline, request.get("publish", "if_better"))
                 _write_stats(stats_path, stats)
@@ -293,6 +310,9 @@ def check_train_options(options: Any) -> None:
             raise InvalidRequestError(f"{key} must be true or false, got {short_repr(options[key])}")
     if "publish" in options and options["publish"] not in ("if_better", "always"):
         raise InvalidRequestError(f"publish must be 'if_better' or 'always', got {short_repr(options['publish'])}")
+    if "calibration" in options and options["calibration"] not in (*CALIBRATION_METHODS, "none"):
+        raise InvalidRequestError(f"calibration must be one of {', '.join((*CALIBRATION_METHODS, 'none'))}, "
+                                  f"got {short_repr(options['calibration'])}")
 
 
 def _finite(v) -> bool:
