@@ -92,6 +92,8 @@ def _add_protocol(sub) -> None:
     p.add_argument("--image-size", type=int, help="override the protocol's input size")
     p.add_argument("--pretrain-epochs", type=int, help="override the protocol's BUS-BRA pre-training epochs (recipe protocols)")
     p.add_argument("--pretrain-patience", type=int, help="pre-training epochs without a better validation AUC before it stops (default: the protocol's patience)")
+    p.add_argument("--seed", type=int, help="seed of the splits' validation (and DDTI's folds) and of training (default 0): a repeat with other randomness")
+    p.add_argument("--splits", help="comma-separated split names to run (e.g. logiq5_to_others, fold3; default all)")
     p.add_argument("--time-budget", type=float, help="seconds of training for the whole protocol, shared among its runs by training-set size (the gpu protocol's is 300)")
     p.add_argument("--ddti-recipe", choices=["alone", "mixed", "pretrain"],
                    help="medium protocol: DDTI folds alone, with BUS-BRA mixed in, or fine-tuned from BUS-BRA pre-training (default)")
@@ -284,13 +286,14 @@ def cmd_protocol(args) -> int:
         raise ValueError(f"unknown variants {sorted(unknown)}; use {list(VARIANTS)}")
     overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size, "ddti_recipe": args.ddti_recipe,
                                    "pretrain_epochs": args.pretrain_epochs, "pretrain_patience": args.pretrain_patience,
-                                   "time_budget_s": args.time_budget}.items() if v is not None}
+                                   "time_budget_s": args.time_budget, "seed": args.seed}.items() if v is not None}
     if args.datasets is not None:
         datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     else:
         datasets = list(PROTOCOLS[args.protocol].get("datasets") or DATASETS)
+    only = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     results = run_protocol(Path(args.out), args.protocol, datasets, variants, Path(args.data_root) if args.data_root else None,
-                           overrides, args.device)
+                           overrides, args.device, only_splits=only)
     summary = {ds: {v: round(e["auc"][0], 4) for v, e in per.items()} for ds, per in results["datasets"].items()}
     print(json.dumps({"out": os.path.abspath(args.out), "mean_test_auc": summary}))
     return 0

@@ -305,13 +305,20 @@ def run_protocol(
     overrides: Optional[Mapping[str, Any]] = None,
     device: str = "cpu",
     progress: Optional[Callable[[str], None]] = print,
+    only_splits: Optional[Sequence[str]] = None,
 ) -> dict:
-    """Train and evaluate every (split, variant); resumable (finished runs are kept in
-    ``out_dir/runs/`` and skipped). Returns :func:`summarize` of everything."""
+    """Train and evaluate every (split, variant), or only the splits named in ``only_splits``
+    (e.g. ``logiq5_to_others``, ``fold3``: a repeat of one split); resumable (finished runs are
+    kept in ``out_dir/runs/`` and skipped). Returns :func:`summarize` of everything."""
     settings = {**PROTOCOLS[protocol], **dict(overrides or {})}
     data_root = Path(data_root) if data_root else Path(__file__).resolve().parents[2] / "shared" / "data"
     out_dir = Path(out_dir)
     splits = build_splits(data_root, datasets, settings["val_fraction"], settings["seed"])
+    if only_splits:
+        unknown = sorted(set(only_splits) - {split.name for split in splits})
+        if unknown:
+            raise ValueError(f"unknown splits {unknown}; the datasets have {sorted({split.name for split in splits})}")
+        splits = [split for split in splits if split.name in set(only_splits)]
     prepared = Preprocessed(settings["image_size"])
     crops = CropInputs(settings) if settings.get("crops") else None
     budgets = run_budgets(splits, variants, settings, data_root)

@@ -304,8 +304,11 @@ def test_bad_input_exits_1_with_one_line_on_stderr(failures, case, message):
         (["predict", "{frame}", "--model", "{model}", "--out", "{work}/x6", "--roi", "400", "400", "500", "500"], "roi"),
         (["split", "--csv", "{work}/bad.csv", "--out", "{work}/x7"], "label column"),
         (["protocol", "--protocol", "gpu", "--datasets", "ddti,thyroid", "--out", "{work}/x8"], "unknown datasets ['thyroid']"),
+        (["protocol", "--protocol", "compact", "--datasets", "busbra_cross", "--splits", "logiq9_to_others", "--out",
+          "{work}/x9"], "unknown splits ['logiq9_to_others']"),
     ],
-    ids=["evaluate-missing-csv", "damaged-model", "roi-outside", "csv-without-labels", "protocol-unknown-dataset"],
+    ids=["evaluate-missing-csv", "damaged-model", "roi-outside", "csv-without-labels", "protocol-unknown-dataset",
+         "protocol-unknown-split"],
 )
 def test_more_bad_input_in_process(work, small_model, capsys, argv, message):
     from thyroid_plugin import cli

@@ -410,3 +410,24 @@ def test_a_validation_split_of_a_few_cases_works():
     train, val = grouped_split(items, 0.15, seed=0)
     assert val and train and len(train) + len(val) == 16
     assert not {d["group"] for d in train} & {d["group"] for d in val}
+
+
+def test_a_protocol_repeats_one_split_with_another_seed(tmp_path, monkeypatch):
+    """``protocol --splits logiq5_to_others --seed 1``: only that split is trained, its validation
+    frames drawn with the new seed (a repeat with other randomness), and training gets the seed."""
+    from thyroid_plugin import cli, evaluation
+
+    seen = []
+
+    def train_variant(variant, settings, train, val, run_dir, *args, **kwargs):
+        seen.append((run_dir.parent.name, settings["seed"], sorted(d["image"] for d in val)))
+        raise KeyboardInterrupt  # what was asked of training is all this test needs (the CLI answers "interrupted")
+
+    monkeypatch.setattr(evaluation, "train_variant", train_variant)
+    argv = ["protocol", "--protocol", "compact", "--datasets", "busbra_cross", "--variants", "single_branch",
+            "--out", str(tmp_path / "out"), "--splits", "logiq5_to_others"]
+    for seed in ("0", "1"):
+        assert cli.main(argv + ["--seed", seed]) != 0
+    (split0, seed0, val0), (split1, seed1, val1) = seen
+    assert split0 == split1 == "logiq5_to_others" and (seed0, seed1) == (0, 1)
+    assert val0 != val1 and len(val0) == pytest.approx(len(val1), rel=0.1)
