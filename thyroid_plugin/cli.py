@@ -163,6 +163,11 @@ def cmd_train(args) -> int:
             at = validation_metrics(load_checkpoint(model))
             metrics = {k: at.get(k) for k in OPERATING_POINT_METRICS}
             atomic_write_json(Path(args.out) / "metrics.json", metrics)
+            stats_file = Path(args.out) / "train_stats.json"
+            if stats_file.is_file():  # the run's record says what the file now holds
+                recorded = json.loads(stats_file.read_text())
+                recorded.update(metrics=metrics, model=calibration["model"], calibration=calibration)
+                atomic_write_json(stats_file, recorded)
     # undefined metrics (NaN, e.g. AUC on a one-class validation split) are printed as null: valid JSON
     print(json.dumps(json_safe({"model": str(model), "best_epoch": stats.get("best_metric_epoch"),
                                 "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},

@@ -134,6 +134,7 @@ def test_train_command(runs):
     assert payload["calibration"]["scale"] == pytest.approx(summary["calibration"]["scale"])
     assert summary["metrics"]["threshold"] == pytest.approx(payload["threshold"], abs=1e-4)
     assert metrics["threshold"] == pytest.approx(payload["threshold"])
+    assert stats["metrics"] == metrics and stats["calibration"]["scale"] == payload["calibration"]["scale"]
 
 
 @pytest.mark.slow
