@@ -92,6 +92,7 @@ def _add_protocol(sub) -> None:
     p.add_argument("--image-size", type=int, help="override the protocol's input size")
     p.add_argument("--pretrain-epochs", type=int, help="override the protocol's BUS-BRA pre-training epochs (recipe protocols)")
     p.add_argument("--pretrain-patience", type=int, help="pre-training epochs without a better validation AUC before it stops (default: the protocol's patience)")
+    p.add_argument("--finetune-lr", type=float, help="learning rate of the fine-tuning from the BUS-BRA pre-training (DDTI folds; default: the protocol's lr)")
     p.add_argument("--seed", type=int, help="seed of the splits' validation (and DDTI's folds) and of training (default 0): a repeat with other randomness")
     p.add_argument("--splits", help="comma-separated split names to run (e.g. logiq5_to_others, fold3; default all)")
     p.add_argument("--time-budget", type=float, help="seconds of training for the whole protocol, shared among its runs by training-set size (the gpu protocol's is 300)")
@@ -291,7 +292,10 @@ def cmd_protocol(args) -> int:
         raise ValueError(f"unknown variants {sorted(unknown)}; use {list(VARIANTS)}")
     overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size, "ddti_recipe": args.ddti_recipe,
                                    "pretrain_epochs": args.pretrain_epochs, "pretrain_patience": args.pretrain_patience,
-                                   "time_budget_s": args.time_budget, "seed": args.seed}.items() if v is not None}
+                                   "time_budget_s": args.time_budget, "seed": args.seed,
+                                   "finetune_lr": args.finetune_lr}.items() if v is not None}
+    if args.finetune_lr is not None and not args.finetune_lr > 0:
+        raise ValueError(f"--finetune-lr must be a positive learning rate, got {args.finetune_lr}")
     if args.datasets is not None:
         datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     else:

@@ -348,8 +348,10 @@ def run_protocol(
                                            budgets.get(("pretrain", variant)))
             train = recipe_train_list(split.dataset, split.train, settings, data_root) if crops is not None else split.train
             budget = budgets.get((split.dataset, split.name, variant))
+            # a fine-tuning from the pre-training may take its own learning rate (``finetune_lr``)
+            lr = settings.get("finetune_lr") if start is not None and settings.get("finetune_lr") else settings["lr"]
             network, best = train_variant(variant, settings, train, split.val, run_dir, train_tf, val_tf, device, start,
-                                          time_budget_s=budget)
+                                          time_budget_s=budget, lr=lr)
             t_eval = time.time()
             if crops is not None:
                 evaluation = evaluate_recipe(network, variant, split.test, crops, _validation_of(best), evaluate)
@@ -358,7 +360,8 @@ def run_protocol(
                 evaluation = evaluate(network, variant, split.test, prepared)
             result = {
                 "dataset": split.dataset, "split": split.name, "variant": variant, "protocol": protocol, "settings": settings,
-                "sizes": {"train": len(train), "val": len(split.val), "test": len(split.test)},
+                "sizes": {"train": len(train), "val": len(split.val), "test": len(split.test)}, "lr": lr,
+                "from_pretraining": start is not None,
                 "best_epoch": best.get("epoch"), "val_metrics": best.get("metrics"),
                 # the best epoch's validation predictions: calibrations can be fitted again later
                 "validation": best.get("validation"),
@@ -411,8 +414,10 @@ def run_budgets(splits: Sequence[Split], variants: Sequence[str], settings: Mapp
 
 def train_variant(variant: str, settings: Mapping[str, Any], train: Sequence[Mapping], val: Sequence[Mapping], run_dir: Path,
                   train_tf: list, val_tf: list, device: str, start: Optional[Mapping] = None,
-                  epochs: Optional[int] = None, time_budget_s: Optional[float] = None) -> tuple[torch.nn.Module, dict]:
-    """Train one variant (from ``start`` weights if given) and return the network at its best
+                  epochs: Optional[int] = None, time_budget_s: Optional[float] = None,
+                  lr: Optional[float] = None) -> tuple[torch.nn.Module, dict]:
+    """Train one variant (from ``start`` weights if given; Adam at ``lr``, default the settings'
+    ``lr``) and return the network at its best
     validation epoch (on ``device``, float32) and that model file's payload. An interrupted run
     resumes from its checkpoints in ``run_dir``."""
     torch.manual_seed(settings["seed"])
@@ -420,7 +425,7 @@ def train_variant(variant: str, settings: Mapping[str, Any], train: Sequence[Map
     if start is not None:
         network.load_state_dict(start)
     loss = SaliencyGuidedLoss(VARIANTS[variant]["loss"], class_weights="balanced")
-    optimizer = torch.optim.Adam(network.parameters(), lr=settings["lr"])
+    optimizer = torch.optim.Adam(network.parameters(), lr=lr or settings["lr"])
     train_settings = TrainSettings(
         epochs=epochs or settings["epochs"], batch_size=settings["batch_size"], val_batch_size=64,
         image_size=settings["image_size"], seed=settings["seed"], progress=False, log_every=0, tensorboard=False,

@@ -254,7 +254,7 @@ def _subset(src: Path, dst: Path, n: int, extra=()) -> None:
 
 @pytest.mark.slow
 def test_medium_protocol_pretrains_fine_tunes_and_reports_margins_and_calibration(tmp_path):
-    from thyroid_plugin.evaluation import run_protocol
+    from thyroid_plugin.evaluation import PROTOCOLS, run_protocol
 
     root = tmp_path / "data"
     _subset(DATA / "ddti", root / "ddti", 40)
@@ -280,6 +280,8 @@ def test_medium_protocol_pretrains_fine_tunes_and_reports_margins_and_calibratio
                 "ece_temperature", "calibration_shift"):
         assert key in test
     assert test["calibration_method"] == "platt"
+    first = json.loads(runs[0].read_text())
+    assert first["from_pretraining"] and first["lr"] == PROTOCOLS["medium"]["lr"]  # no finetune_lr: the protocol's rate
     # the best epoch's validation predictions are kept, so calibrations can be compared later
     kept_val = json.loads(runs[0].read_text())["validation"]
     assert len(kept_val["prob_malignant"]) == len(kept_val["label"]) > 0
@@ -431,3 +433,38 @@ def test_a_protocol_repeats_one_split_with_another_seed(tmp_path, monkeypatch):
     (split0, seed0, val0), (split1, seed1, val1) = seen
     assert split0 == split1 == "logiq5_to_others" and (seed0, seed1) == (0, 1)
     assert val0 != val1 and len(val0) == pytest.approx(len(val1), rel=0.1)
+
+
+def test_the_fine_tuning_from_the_pretraining_takes_its_own_learning_rate(tmp_path, monkeypatch, capsys):
+    """``protocol --finetune-lr 1e-4``: DDTI's folds are fine-tuned from the BUS-BRA pre-training at
+    that rate while the pre-training keeps the protocol's; a rate that is not positive is refused
+    in one line."""
+    from thyroid_plugin import cli, evaluation
+
+    root = tmp_path / "data"
+    _subset(DATA / "ddti", root / "ddti", 40)
+    _subset(DATA / "busbra", root / "busbra", 16)
+    calls = []
+
+    def train_variant(variant, settings, train, val, run_dir, train_tf, val_tf, device, start=None, **kwargs):
+        calls.append({"start": start is not None, "lr": kwargs.get("lr"), "protocol_lr": settings["lr"]})
+        if start is None:  # the pre-training: weights to start from
+            run_dir.mkdir(parents=True)
+            return evaluation.build_variant(variant), {"epoch": 1, "metrics": {}, "epochs_run": 1, "stopped_by": None}
+        raise KeyboardInterrupt  # what the fine-tuning was asked is all this test needs
+
+    monkeypatch.setattr(evaluation, "train_variant", train_variant)
+    argv = ["protocol", "--protocol", "compact", "--datasets", "ddti", "--variants", "single_branch",
+            "--data-root", str(root), "--out", str(tmp_path / "out")]
+    assert cli.main(argv + ["--finetune-lr", "1e-4"]) != 0
+    pretraining, fine_tuning = calls
+    assert not pretraining["start"] and pretraining["lr"] in (None, pretraining["protocol_lr"])
+    assert fine_tuning["start"] and fine_tuning["lr"] == pytest.approx(1e-4) != fine_tuning["protocol_lr"]
+    # without the option the fine-tuning takes the protocol's rate (the kept pre-training is reused)
+    calls.clear()
+    assert cli.main(argv) != 0
+    assert calls == [{"start": True, "lr": evaluation.PROTOCOLS["compact"]["lr"], "protocol_lr": evaluation.PROTOCOLS["compact"]["lr"]}]
+    capsys.readouterr()
+    assert cli.main(argv + ["--finetune-lr", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--finetune-lr" in err[0]
