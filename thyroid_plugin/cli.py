@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -294,7 +295,7 @@ def cmd_protocol(args) -> int:
                                    "pretrain_epochs": args.pretrain_epochs, "pretrain_patience": args.pretrain_patience,
                                    "time_budget_s": args.time_budget, "seed": args.seed,
                                    "finetune_lr": args.finetune_lr}.items() if v is not None}
-    if args.finetune_lr is not None and not args.finetune_lr > 0:
+    if args.finetune_lr is not None and not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
         raise ValueError(f"--finetune-lr must be a positive learning rate, got {args.finetune_lr}")
     if args.datasets is not None:
         datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]

@@ -464,7 +464,8 @@ def test_the_fine_tuning_from_the_pretraining_takes_its_own_learning_rate(tmp_pa
     calls.clear()
     assert cli.main(argv) != 0
     assert calls == [{"start": True, "lr": evaluation.PROTOCOLS["compact"]["lr"], "protocol_lr": evaluation.PROTOCOLS["compact"]["lr"]}]
-    capsys.readouterr()
-    assert cli.main(argv + ["--finetune-lr", "0"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--finetune-lr" in err[0]
+    for bad in ("0", "-1e-4", "inf", "nan"):
+        capsys.readouterr()
+        assert cli.main(argv + [f"--finetune-lr={bad}"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--finetune-lr" in err[0]
