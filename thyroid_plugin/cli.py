@@ -94,6 +94,8 @@ def _add_protocol(sub) -> None:
     p.add_argument("--pretrain-epochs", type=int, help="override the protocol's BUS-BRA pre-training epochs (recipe protocols)")
     p.add_argument("--pretrain-patience", type=int, help="pre-training epochs without a better validation AUC before it stops (default: the protocol's patience)")
     p.add_argument("--finetune-lr", type=float, help="learning rate of the fine-tuning from the BUS-BRA pre-training (DDTI folds; default: the protocol's lr)")
+    p.add_argument("--finetune-average", type=int, nargs=2, metavar=("FROM", "EPOCHS"),
+                   help="fine-tune EPOCHS epochs (no early stopping) and keep the mean of the weights after epochs FROM..EPOCHS instead of the best validation epoch (DDTI folds from the pre-training)")
     p.add_argument("--seed", type=int, help="seed of the splits' validation (and DDTI's folds) and of training (default 0): a repeat with other randomness")
     p.add_argument("--splits", help="comma-separated split names to run (e.g. logiq5_to_others, fold3; default all)")
     p.add_argument("--time-budget", type=float, help="seconds of training for the whole protocol, shared among its runs by training-set size (the gpu protocol's is 300)")
@@ -294,7 +296,9 @@ def cmd_protocol(args) -> int:
     overrides = {k: v for k, v in {"epochs": args.epochs, "image_size": args.image_size, "ddti_recipe": args.ddti_recipe,
                                    "pretrain_epochs": args.pretrain_epochs, "pretrain_patience": args.pretrain_patience,
                                    "time_budget_s": args.time_budget, "seed": args.seed,
-                                   "finetune_lr": args.finetune_lr}.items() if v is not None}
+                                   "finetune_lr": args.finetune_lr, "finetune_average": args.finetune_average}.items() if v is not None}
+    if args.finetune_average is not None and not 1 <= args.finetune_average[0] <= args.finetune_average[1]:
+        raise ValueError(f"--finetune-average FROM EPOCHS needs 1 <= FROM <= EPOCHS, got {args.finetune_average[0]} {args.finetune_average[1]}")
     if args.finetune_lr is not None and not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
         raise ValueError(f"--finetune-lr must be a positive learning rate, got {args.finetune_lr}")
     if args.datasets is not None:

@@ -21,6 +21,7 @@ Files written in ``output_dir`` (each atomically):
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import math
@@ -90,6 +91,10 @@ class TrainSettings:
     # stop after the epoch at which the run's epochs (validation included, resumed ones too)
     # have taken this many seconds; None: no limit (a protocol sized in time, e.g. ``gpu``)
     time_budget_s: Optional[float] = None
+    # from this epoch on the model is the mean of the weights after each epoch (weight averaging
+    # at a constant learning rate), not the best validation epoch's: no choice is made with the
+    # validation data, which only calibrates and reports it; early stopping does not apply. 0: off
+    average_from_epoch: int = 0
 
     @classmethod
     def from_mapping(cls, values: Optional[Mapping[str, Any]] = None, **overrides: Any) -> "TrainSettings":
@@ -492,6 +497,10 @@ def fit(
     settings = settings if isinstance(settings, TrainSettings) else TrainSettings.from_mapping(settings)
     if not train_list:
         raise ValueError("no training images")
+    if settings.average_from_epoch < 0 or settings.average_from_epoch > settings.epochs:
+        raise ValueError(f"average_from_epoch must lie in 0..epochs ({settings.epochs}), got {settings.average_from_epoch}")
+    if settings.average_from_epoch and settings.early_stop_patience > 0:
+        raise ValueError("weight averaging (average_from_epoch) trains every epoch: set early_stop_patience to 0")
     device = torch.device(device) if device is not None else default_device()
     out, is_main = Path(output_dir), rank == 0
     if is_main:
@@ -513,7 +522,14 @@ def fit(
             # a finished run stays finished (ignite would start a finished engine afresh), and so
             # does one that early stopping ended (its last checkpoint is of the stop epoch)
             logger.info("the run in %s already finished at epoch %d; nothing to resume", out, trainer.state.epoch)
-            return {**stats, **json.loads((out / "train_stats.json").read_text())} if (out / "train_stats.json").is_file() else stats
+            finished = {**stats, **json.loads((out / "train_stats.json").read_text())} if (out / "train_stats.json").is_file() else stats
+            if is_main and settings.average_from_epoch and not finished.get("averaged_epochs"):
+                # the process ended between the last epoch and the average's publication
+                publisher = _ModelPublisher(out, network, network.network_def(), settings.image_size,
+                                            {**dict(train_info or {}), "settings": asdict(settings)}, finished, publish_path, on_publish)
+                _publish_average(out, network, val_loader, device, dtype, settings, publisher, finished)
+                _write_stats(finished, [out / "train_stats.json"] + ([Path(stats_path)] if stats_path else []))
+            return finished
         if sampler is not None:
             trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
         info = {**dict(train_info or {}), "train_size": len(train_list), "val_size": len(val_list),
@@ -523,10 +539,73 @@ def fit(
         stats_paths = [out / "train_stats.json"] + ([Path(stats_path)] if stats_path else []) if is_main else []
         tensorboard = _attach_handlers(trainer, selection, settings, stats, stats_paths, is_main, out)
         _attach_resume_checkpoints(trainer, to_save, out / "checkpoints", is_main)
-        return _run(trainer, train_loader, settings.epochs, stats, stats_paths, tensorboard)
+        if is_main and settings.average_from_epoch:
+            trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: _keep_epoch_weights(out, network, engine.state.epoch,
+                                                                                                   settings.average_from_epoch))
+        stats = _run(trainer, train_loader, settings.epochs, stats, stats_paths, tensorboard)
+        if is_main and settings.average_from_epoch:
+            _publish_average(out, network, val_loader, device, dtype, settings, publisher, stats)
+            _write_stats(stats, stats_paths)
+        return stats
     finally:
         set_track_meta(meta_tracking)
         _release_workers(train_loader, val_loader)
+
+
+def _keep_epoch_weights(out: Path, network: nn.Module, epoch: int, first: int) -> None:
+    """The weights after ``epoch`` (from epoch ``first`` on) in ``out/epoch_weights/``, for the average."""
+    if epoch < first:
+        return
+    module = network.module if hasattr(network, "module") else network
+    payload = io.BytesIO()
+    torch.save({k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}, payload)
+    (out / "epoch_weights").mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "epoch_weights" / f"epoch_{epoch:04d}.pt", payload.getvalue())
+
+
+def average_state_dicts(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of ``states`` (floating tensors, BatchNorm's running statistics included, averaged
+    in float64 and returned in their own dtype; integer ones, e.g. BatchNorm's batch counter, from
+    the last state)."""
+    if not states:
+        raise ValueError("no weights to average")
+    averaged = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            averaged[key] = (sum(state[key].double() for state in states) / len(states)).to(last.dtype)
+        else:
+            averaged[key] = last.clone()
+    return averaged
+
+
+def _publish_average(out: Path, network: nn.Module, val_loader, device: torch.device, dtype: Optional[torch.dtype],
+                     settings: TrainSettings, publisher: "_ModelPublisher", stats: dict) -> None:
+    """Load the mean of the kept epochs' weights (``average_from_epoch`` to the last epoch run)
+    into ``network``, predict the validation data with it and publish it as the run's model; the
+    kept weights are then removed. Without a kept epoch (the run stopped before
+    ``average_from_epoch``) the best validation epoch's model stays, with a warning."""
+    last = int(stats.get("epoch") or 0)
+    files = [out / "epoch_weights" / f"epoch_{e:04d}.pt" for e in range(settings.average_from_epoch, last + 1)]
+    missing = [f.name for f in files if not f.is_file()]
+    if not files or missing:
+        logger.warning("no weights to average in %s (missing %s): the best validation epoch's model stays", out, missing or "all")
+        return
+    module = network.module if hasattr(network, "module") else network
+    module.load_state_dict(average_state_dicts([torch.load(f, map_location="cpu", weights_only=True) for f in files]))
+    module.to(device)
+    if settings.channels_last:
+        module.to(memory_format=torch.channels_last)
+    metrics, predictions = {}, None
+    if val_loader is not None:
+        predictions = predict(module, val_loader, device, dtype, settings.channels_last)
+        metrics = predictions.metrics()
+    averaged = [settings.average_from_epoch, last]
+    publisher.info = {**publisher.info, "averaged_epochs": averaged}
+    publisher(last, metrics, predictions)
+    stats.update({"averaged_epochs": averaged, "best_metric": metrics.get(settings.key_metric), "best_metric_epoch": last,
+                  "metrics": {k: metrics[k] for k in OPERATING_POINT_METRICS if k in metrics}})
+    for f in files:
+        f.unlink(missing_ok=True)
 
 
 def _release_workers(*loaders) -> None:

@@ -350,8 +350,12 @@ def run_protocol(
             budget = budgets.get((split.dataset, split.name, variant))
             # a fine-tuning from the pre-training may take its own learning rate (``finetune_lr``)
             lr = settings.get("finetune_lr") if start is not None and settings.get("finetune_lr") else settings["lr"]
+            # ... and be the mean of its weights after epochs K..N (``finetune_average`` [K, N]),
+            # where no epoch is chosen with a fold's few validation frames
+            average = settings.get("finetune_average") if start is not None else None
             network, best = train_variant(variant, settings, train, split.val, run_dir, train_tf, val_tf, device, start,
-                                          time_budget_s=budget, lr=lr)
+                                          epochs=average[1] if average else None, time_budget_s=budget, lr=lr,
+                                          average_from_epoch=average[0] if average else 0)
             t_eval = time.time()
             if crops is not None:
                 evaluation = evaluate_recipe(network, variant, split.test, crops, _validation_of(best), evaluate)
@@ -361,7 +365,7 @@ def run_protocol(
             result = {
                 "dataset": split.dataset, "split": split.name, "variant": variant, "protocol": protocol, "settings": settings,
                 "sizes": {"train": len(train), "val": len(split.val), "test": len(split.test)}, "lr": lr,
-                "from_pretraining": start is not None,
+                "from_pretraining": start is not None, "averaged_epochs": best.get("averaged_epochs"),
                 "best_epoch": best.get("epoch"), "val_metrics": best.get("metrics"),
                 # the best epoch's validation predictions: calibrations can be fitted again later
                 "validation": best.get("validation"),
@@ -415,11 +419,13 @@ def run_budgets(splits: Sequence[Split], variants: Sequence[str], settings: Mapp
 def train_variant(variant: str, settings: Mapping[str, Any], train: Sequence[Mapping], val: Sequence[Mapping], run_dir: Path,
                   train_tf: list, val_tf: list, device: str, start: Optional[Mapping] = None,
                   epochs: Optional[int] = None, time_budget_s: Optional[float] = None,
-                  lr: Optional[float] = None) -> tuple[torch.nn.Module, dict]:
+                  lr: Optional[float] = None, average_from_epoch: int = 0) -> tuple[torch.nn.Module, dict]:
     """Train one variant (from ``start`` weights if given; Adam at ``lr``, default the settings'
     ``lr``) and return the network at its best
-    validation epoch (on ``device``, float32) and that model file's payload. An interrupted run
-    resumes from its checkpoints in ``run_dir``."""
+    validation epoch (on ``device``, float32) and that model file's payload; with
+    ``average_from_epoch`` every epoch is trained (no early stopping) and the network is the mean
+    of the weights after epochs ``average_from_epoch``..last. An interrupted run resumes from its
+    checkpoints in ``run_dir``."""
     torch.manual_seed(settings["seed"])
     network = build_variant(variant)
     if start is not None:
@@ -429,8 +435,8 @@ def train_variant(variant: str, settings: Mapping[str, Any], train: Sequence[Map
     train_settings = TrainSettings(
         epochs=epochs or settings["epochs"], batch_size=settings["batch_size"], val_batch_size=64,
         image_size=settings["image_size"], seed=settings["seed"], progress=False, log_every=0, tensorboard=False,
-        early_stop_patience=settings.get("early_stop_patience", 0), num_workers=settings.get("num_workers", 0),
-        time_budget_s=time_budget_s,
+        early_stop_patience=0 if average_from_epoch else settings.get("early_stop_patience", 0),
+        num_workers=settings.get("num_workers", 0), time_budget_s=time_budget_s, average_from_epoch=average_from_epoch,
     )
     stats = fit(network, loss, optimizer, train, val, run_dir, train_settings, device=device,
                 train_transforms=train_tf, val_transforms=val_tf, resume=True)
@@ -439,7 +445,8 @@ def train_variant(variant: str, settings: Mapping[str, Any], train: Sequence[Map
     network.to(device).to(memory_format=torch.contiguous_format)
     info = best.get("train") or {}
     return network, {"epoch": info.get("epoch"), "metrics": best.get("metrics"), "validation": best.get("validation"),
-                     "epochs_run": stats.get("epoch"), "stopped_by": stats.get("stopped_by")}
+                     "epochs_run": stats.get("epoch"), "stopped_by": stats.get("stopped_by"),
+                     "averaged_epochs": info.get("averaged_epochs")}
 
 
 def _rescore_if_older(result_path: Path, method: str) -> None:

@@ -70,3 +70,15 @@ def test_predict_keeps_the_saliency_of_every_image():
     np.testing.assert_allclose(predictions.prob_malignant, torch.softmax(out.logits, 1)[:, 1].numpy(), atol=1e-5)
     torch.testing.assert_close(predictions.saliency, torch.sigmoid(out.saliency_logits), atol=1e-5, rtol=1e-4)
     assert predict(network, [], torch.device("cpu")).prob_malignant.shape == (0,)
+
+
+def test_averaging_weights_keeps_each_tensors_dtype_and_takes_counters_from_the_last():
+    from thyroid_plugin.engine import average_state_dicts
+
+    states = [{"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16), "bn.num_batches_tracked": torch.tensor(n)} for n in (3, 9)]
+    states[1]["w"] = torch.tensor([3.0, 6.0], dtype=torch.bfloat16)
+    averaged = average_state_dicts(states)
+    assert averaged["w"].dtype == torch.bfloat16 and averaged["w"].tolist() == [2.0, 4.0]
+    assert averaged["bn.num_batches_tracked"].item() == 9
+    with pytest.raises(ValueError):
+        average_state_dicts([])

@@ -469,3 +469,36 @@ def test_the_fine_tuning_from_the_pretraining_takes_its_own_learning_rate(tmp_pa
         assert cli.main(argv + [f"--finetune-lr={bad}"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--finetune-lr" in err[0]
+
+
+def test_the_fine_tuning_can_keep_the_mean_of_its_epochs_instead_of_choosing_one(tmp_path, monkeypatch, capsys):
+    """``protocol --finetune-average 4 12``: DDTI's folds are fine-tuned from the pre-training for
+    12 epochs and keep the mean of the weights after epochs 4..12 (the pre-training chooses its
+    epoch as before); the result records it; ranges that are not ``1 <= FROM <= EPOCHS`` are
+    refused in one line."""
+    from thyroid_plugin import cli, evaluation
+
+    root = tmp_path / "data"
+    _subset(DATA / "ddti", root / "ddti", 40)
+    _subset(DATA / "busbra", root / "busbra", 16)
+    calls = []
+
+    def train_variant(variant, settings, train, val, run_dir, train_tf, val_tf, device, start=None, **kwargs):
+        calls.append({"start": start is not None, "epochs": kwargs.get("epochs"), "average": kwargs.get("average_from_epoch", 0)})
+        if start is None:
+            run_dir.mkdir(parents=True)
+            return evaluation.build_variant(variant), {"epoch": 1, "metrics": {}, "epochs_run": 1, "stopped_by": None}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "train_variant", train_variant)
+    argv = ["protocol", "--protocol", "compact", "--datasets", "ddti", "--variants", "single_branch",
+            "--data-root", str(root), "--out", str(tmp_path / "out")]
+    assert cli.main(argv + ["--finetune-average", "4", "12"]) != 0
+    pretraining, fine_tuning = calls
+    assert pretraining["average"] == 0 and pretraining["epochs"] == evaluation.PROTOCOLS["compact"]["pretrain_epochs"]
+    assert fine_tuning == {"start": True, "epochs": 12, "average": 4}
+    for bad in (["0", "12"], ["5", "4"]):
+        capsys.readouterr()
+        assert cli.main(argv + ["--finetune-average", *bad]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--finetune-average" in err[0]

@@ -218,3 +218,72 @@ def test_training_with_loader_processes_leaves_none_behind(tmp_path):
     finally:
         gc.enable()
     assert not left, f"{len(left)} loader processes still running after training"
+
+
+def _small_run(tmp_path, items, epochs, **settings):
+    small = {"base_channels": 8, "num_scales": 3, "saliency_channels": [4, 8, 8, 8, 8, 8], "head_hidden": 16}
+    torch.manual_seed(0)
+    net = SaliencyGuidedClassifier(**small)
+    stats = fit(net, SaliencyGuidedLoss("wellposed", class_weights="balanced"), torch.optim.Adam(net.parameters(), 1e-3),
+                [d for n, d in enumerate(items) if n % 4 != 3], [d for n, d in enumerate(items) if n % 4 == 3], tmp_path / "run", {**SETTINGS, "epochs": epochs, "image_size": 32, **settings},
+                device="cpu", resume=True)
+    return net, stats
+
+
+def test_weight_averaging_serves_the_mean_of_the_epochs_and_survives_an_interruption(tmp_path, monkeypatch):
+    """``average_from_epoch``: the published model is the mean of the weights after each epoch
+    from that one on (not the best validation epoch's), its validation predictions are the
+    averaged network's, and a process that ends between the last epoch and the average's
+    publication publishes it when resumed; the per-epoch weights are removed afterwards."""
+    from thyroid_plugin import engine
+
+    items = datalist_from_csv(write_csv(ddti_subset(4, 4, offset=10), tmp_path / "data.csv"))
+    kept = {}
+    keep = engine._keep_epoch_weights
+
+    def recording_keep(out, network, epoch, first):
+        keep(out, network, epoch, first)
+        kept[epoch] = {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+    publish = engine._publish_average
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return publish(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_keep_epoch_weights", recording_keep)
+    monkeypatch.setattr(engine, "_publish_average", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        _small_run(tmp_path, items, epochs=3, average_from_epoch=2)
+    assert (tmp_path / "run" / "epoch_weights" / "epoch_0003.pt").is_file()
+    net, stats = _small_run(tmp_path, items, epochs=3, average_from_epoch=2)  # resumed: nothing to train, the average to publish
+    assert sorted(kept) == [1, 2, 3] and len(calls) == 2
+    assert stats["averaged_epochs"] == [2, 3] and [h["epoch"] for h in stats["history"]] == [1, 2, 3]
+    assert not list((tmp_path / "run" / "epoch_weights").glob("*.pt"))
+    model = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert model["train"]["averaged_epochs"] == [2, 3] and model["train"]["epoch"] == 3
+    served = model["state_dict"]
+    moved = 0
+    for key, value in served.items():
+        if value.is_floating_point():
+            expected = (kept[2][key].double() + kept[3][key].double()) / 2
+            assert torch.allclose(value.double(), expected, rtol=2e-3, atol=2e-3), key
+            moved += not torch.allclose(kept[2][key], kept[3][key])
+    assert moved > 0  # the two epochs' weights differ: the mean is neither of them
+    # its validation record is the averaged network's (fp32 here): predicted again, the same
+    from thyroid_plugin.engine import evaluate_network
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in served.items()})
+    _, prob, labels = evaluate_network(net.eval(), [d for n, d in enumerate(items) if n % 4 == 3], 32, torch.device("cpu"))
+    assert model["validation"]["label"] == labels.tolist()
+    assert model["validation"]["prob_malignant"] == pytest.approx(prob.tolist(), abs=2e-2)
+
+
+def test_weight_averaging_refuses_early_stopping_and_an_epoch_outside_the_run(tmp_path):
+    items = datalist_from_csv(write_csv(ddti_subset(2, 2, offset=20), tmp_path / "data.csv"))
+    with pytest.raises(ValueError, match="early_stop_patience"):
+        _small_run(tmp_path, items, epochs=3, average_from_epoch=2, early_stop_patience=2)
+    with pytest.raises(ValueError, match="average_from_epoch"):
+        _small_run(tmp_path, items, epochs=3, average_from_epoch=4)
