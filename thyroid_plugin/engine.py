@@ -517,6 +517,8 @@ def fit(
         trainer = Engine(make_train_step(forward_model, network, loss_fn, optimizer, scaler, device, settings))
         stats = _initial_stats(settings, train_list, val_list, device, dtype)
         to_save = {"trainer": trainer, "network": network, "optimizer": optimizer, "scaler": scaler}
+        info = {**dict(train_info or {}), "train_size": len(train_list), "val_size": len(val_list),
+                "loss_form": getattr(loss_fn, "form", ""), "settings": asdict(settings)}
         if resume and _resume(out, to_save, stats, device) and (trainer.state.epoch >= settings.epochs or _stopped_early(
                 stats, trainer.state.epoch, settings, val_loader is not None) or _budget_spent(stats, settings)):
             # a finished run stays finished (ignite would start a finished engine afresh), and so
@@ -525,15 +527,13 @@ def fit(
             finished = {**stats, **json.loads((out / "train_stats.json").read_text())} if (out / "train_stats.json").is_file() else stats
             if is_main and settings.average_from_epoch and not finished.get("averaged_epochs"):
                 # the process ended between the last epoch and the average's publication
-                publisher = _ModelPublisher(out, network, network.network_def(), settings.image_size,
-                                            {**dict(train_info or {}), "settings": asdict(settings)}, finished, publish_path, on_publish)
+                publisher = _ModelPublisher(out, network, network.network_def(), settings.image_size, info, finished,
+                                            publish_path, on_publish)
                 _publish_average(out, network, val_loader, device, dtype, settings, publisher, finished)
                 _write_stats(finished, [out / "train_stats.json"] + ([Path(stats_path)] if stats_path else []))
             return finished
         if sampler is not None:
             trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
-        info = {**dict(train_info or {}), "train_size": len(train_list), "val_size": len(val_list),
-                "loss_form": getattr(loss_fn, "form", ""), "settings": asdict(settings)}
         publisher = _ModelPublisher(out, network, network.network_def(), settings.image_size, info, stats, publish_path, on_publish)
         selection = _BestModelSelection(network, val_loader, device, dtype, settings, publisher if is_main else None, stats)
         stats_paths = [out / "train_stats.json"] + ([Path(stats_path)] if stats_path else []) if is_main else []
