@@ -8,7 +8,9 @@ the protocol's recipe (``--protocol``, default ``compact``; :mod:`thyroid_plugin
 those training frames and those validation cases: lesion-centred crops with a random margin and
 whole frames, ultrasound augmentation, starting from a BUS-BRA pre-training (``--pretrained``: a
 protocol's ``pretrain/full_wellposed.pt``; without it the pre-training runs first, into
-``--work``), the epoch with the best validation AUC at a 25 % box kept, then Platt scaling and the
+``--work``), the epoch with the best validation AUC at a 25 % box kept (with ``--average FROM
+EPOCHS``: EPOCHS epochs and the mean of the weights after epochs FROM..EPOCHS, no epoch chosen with
+the validation cases), then Platt scaling and the
 operating point fitted on those validation predictions and stored in the file
 (:func:`thyroid_plugin.calibration.calibrate_model_file`).
 
@@ -91,6 +93,8 @@ def main() -> int:
     ap.add_argument("--protocol", default="compact", choices=["compact", "medium"])
     ap.add_argument("--pretrain-epochs", type=int, help="pre-training epochs when it runs here (default: the protocol's)")
     ap.add_argument("--epochs", type=int, help="most fine-tuning epochs (default: the protocol's)")
+    ap.add_argument("--average", type=int, nargs=2, metavar=("FROM", "EPOCHS"),
+                    help="fine-tune EPOCHS epochs and keep the mean of the weights after epochs FROM..EPOCHS (protocol --finetune-average) instead of the best validation epoch")
     ap.add_argument("--work", default=str(ROOT / "runs" / "recipe_model"), help="training folder (resumable)")
     ap.add_argument("--shipped", default=str(MODEL_DIR / "pretrained_classify_nodule.pt"))
     ap.add_argument("--localiser", default=str(MODEL_DIR / "pretrained_nodule_localiser.pt"))
@@ -102,6 +106,9 @@ def main() -> int:
     split_dir, work = Path(args.split_dir), Path(args.work)
     if not (split_dir / "train.csv").is_file() or not (split_dir / "test.csv").is_file():
         print(f"error: {split_dir} has no train.csv and test.csv (thyroid-nodule split writes them)", file=sys.stderr)
+        return 2
+    if args.average and not 1 <= args.average[0] <= args.average[1]:
+        print(f"error: --average FROM EPOCHS needs 1 <= FROM <= EPOCHS, got {args.average[0]} {args.average[1]}", file=sys.stderr)
         return 2
     settings = dict(PROTOCOLS[args.protocol])
     if args.pretrain_epochs:
@@ -123,11 +130,12 @@ def main() -> int:
     if not model.is_file():
         run_dir = work / f"{VARIANT}_train"
         _, best = train_variant(VARIANT, settings, fit, val, run_dir, inputs.train_transforms(), inputs.val_transforms(),
-                                "cpu", start)
+                                "cpu", start, epochs=args.average[1] if args.average else None,
+                                average_from_epoch=args.average[0] if args.average else 0)
         payload = load_checkpoint(run_dir / "model.pt")
         payload["recipe"] = {"protocol": args.protocol, "settings": settings, "pretrained": pretrained_from,
                              "train_frames": len(fit), "val_frames": len(val), "best_epoch": best["epoch"],
-                             "epochs_run": best["epochs_run"], "train_s": round(time.perf_counter() - t0)}
+                             "averaged_epochs": best.get("averaged_epochs"), "epochs_run": best["epochs_run"], "train_s": round(time.perf_counter() - t0)}
         write_payload(run_dir / "model.pt", payload)
         record = best["validation"]
         calibrate_model_file(str(run_dir / "model.pt"), record["prob_malignant"], [int(v) for v in record["label"]], "platt")
