@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from thyroid_plugin.calibration import calibrate_model_file, expected_calibration_error  # noqa: E402
 from thyroid_plugin.checkpoint import load_checkpoint, model_identity, write_payload  # noqa: E402
 from thyroid_plugin.data import datalist_from_csv, grouped_split  # noqa: E402
-from thyroid_plugin.evaluation import PROTOCOLS, pretrained_weights, train_variant  # noqa: E402
+from thyroid_plugin.evaluation import PROTOCOLS, average_range_problem, pretrained_weights, train_variant  # noqa: E402
 from thyroid_plugin.inference import NodulePredictor  # noqa: E402
 from thyroid_plugin.io import atomic_copy_file, load_image  # noqa: E402
 from thyroid_plugin.io.atomic import atomic_write_json  # noqa: E402
@@ -107,8 +107,8 @@ def main() -> int:
     if not (split_dir / "train.csv").is_file() or not (split_dir / "test.csv").is_file():
         print(f"error: {split_dir} has no train.csv and test.csv (thyroid-nodule split writes them)", file=sys.stderr)
         return 2
-    if args.average and not 1 <= args.average[0] <= args.average[1]:
-        print(f"error: --average FROM EPOCHS needs 1 <= FROM <= EPOCHS, got {args.average[0]} {args.average[1]}", file=sys.stderr)
+    if average_range_problem(args.average):
+        print(f"error: --average FROM EPOCHS {average_range_problem(args.average)}", file=sys.stderr)
         return 2
     settings = dict(PROTOCOLS[args.protocol])
     if args.pretrain_epochs:

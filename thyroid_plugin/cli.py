@@ -287,7 +287,7 @@ def cmd_split(args) -> int:
 
 
 def cmd_protocol(args) -> int:
-    from .evaluation import DATASETS, PROTOCOLS, VARIANTS, run_protocol
+    from .evaluation import DATASETS, PROTOCOLS, VARIANTS, average_range_problem, run_protocol
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
@@ -297,8 +297,8 @@ def cmd_protocol(args) -> int:
                                    "pretrain_epochs": args.pretrain_epochs, "pretrain_patience": args.pretrain_patience,
                                    "time_budget_s": args.time_budget, "seed": args.seed,
                                    "finetune_lr": args.finetune_lr, "finetune_average": args.finetune_average}.items() if v is not None}
-    if args.finetune_average is not None and not 1 <= args.finetune_average[0] <= args.finetune_average[1]:
-        raise ValueError(f"--finetune-average FROM EPOCHS needs 1 <= FROM <= EPOCHS, got {args.finetune_average[0]} {args.finetune_average[1]}")
+    if average_range_problem(args.finetune_average):
+        raise ValueError(f"--finetune-average FROM EPOCHS {average_range_problem(args.finetune_average)}")
     if args.finetune_lr is not None and not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
         raise ValueError(f"--finetune-lr must be a positive learning rate, got {args.finetune_lr}")
     if args.datasets is not None:

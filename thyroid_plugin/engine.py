@@ -519,6 +519,7 @@ def fit(
         to_save = {"trainer": trainer, "network": network, "optimizer": optimizer, "scaler": scaler}
         info = {**dict(train_info or {}), "train_size": len(train_list), "val_size": len(val_list),
                 "loss_form": getattr(loss_fn, "form", ""), "settings": asdict(settings)}
+        stats_paths = [out / "train_stats.json"] + ([Path(stats_path)] if stats_path else []) if is_main else []
         if resume and _resume(out, to_save, stats, device) and (trainer.state.epoch >= settings.epochs or _stopped_early(
                 stats, trainer.state.epoch, settings, val_loader is not None) or _budget_spent(stats, settings)):
             # a finished run stays finished (ignite would start a finished engine afresh), and so
@@ -530,13 +531,12 @@ def fit(
                 publisher = _ModelPublisher(out, network, network.network_def(), settings.image_size, info, finished,
                                             publish_path, on_publish)
                 _publish_average(out, network, val_loader, device, dtype, settings, publisher, finished)
-                _write_stats(finished, [out / "train_stats.json"] + ([Path(stats_path)] if stats_path else []))
+                _write_stats(finished, stats_paths)
             return finished
         if sampler is not None:
             trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
         publisher = _ModelPublisher(out, network, network.network_def(), settings.image_size, info, stats, publish_path, on_publish)
         selection = _BestModelSelection(network, val_loader, device, dtype, settings, publisher if is_main else None, stats)
-        stats_paths = [out / "train_stats.json"] + ([Path(stats_path)] if stats_path else []) if is_main else []
         tensorboard = _attach_handlers(trainer, selection, settings, stats, stats_paths, is_main, out)
         _attach_resume_checkpoints(trainer, to_save, out / "checkpoints", is_main)
         if is_main and settings.average_from_epoch:

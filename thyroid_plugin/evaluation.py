@@ -416,6 +416,13 @@ def run_budgets(splits: Sequence[Split], variants: Sequence[str], settings: Mapp
     return {key: float(total) * n / whole for key, n in sizes.items()}
 
 
+def average_range_problem(average: Optional[Sequence[int]]) -> Optional[str]:
+    """What is wrong with a ``[FROM, EPOCHS]`` weight-averaging range (``None``: nothing, or no range)."""
+    if average is not None and not 1 <= average[0] <= average[1]:
+        return f"needs 1 <= FROM <= EPOCHS, got {average[0]} {average[1]}"
+    return None
+
+
 def train_variant(variant: str, settings: Mapping[str, Any], train: Sequence[Mapping], val: Sequence[Mapping], run_dir: Path,
                   train_tf: list, val_tf: list, device: str, start: Optional[Mapping] = None,
                   epochs: Optional[int] = None, time_budget_s: Optional[float] = None,
