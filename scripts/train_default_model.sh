@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Reproduce the shipped default model (see the README, "The shipped model"):
+# Train a default model from scratch with configs/train.json and install it (see the README,
+# "The shipped model": the model shipped now came from scripts/recipe_model.py, which adds the
+# BUS-BRA pre-training and averages the fine-tuning's weights; the one before it came from this
+# script when configs/train.json trained whole frames at 224 px):
 #   1. a stratified, case-grouped held-out split of DDTI (80 % train+validation / 20 % test),
-#   2. training with configs/train.json (its own case-grouped validation split picks the epoch),
+#   2. training with configs/train.json (the recipe's crops at 96 px; its own case-grouped
+#      validation split picks the epoch),
 #   3. evaluation on the held-out test split (metrics, ROC, confusion matrix, overlays),
 #   4. installation as the app's pretrained model (fp16 weights).
 # Takes a few hours on a 2-core CPU, minutes on a GPU.

@@ -66,7 +66,7 @@ def _add_predict(sub) -> None:
 
 def _add_import(sub) -> None:
     p = sub.add_parser("import-studies", help="copy a labelled collection into a MONAI Label studies folder as confirmed cases")
-    p.add_argument("source", help="labelled data: CSV (file,label[,case,centre]) or benign/ malignant/ folders")
+    p.add_argument("source", help="labelled data: CSV (file,label[,case,centre,mask]; an expert mask becomes the case's final label) or benign/ malignant/ folders")
     p.add_argument("--studies", required=True, help="MONAI Label studies folder (created if missing)")
     p.add_argument("--limit", type=int, help="import at most this many images")
     p.add_argument("--unlabelled", action="store_true", help="import the images without their diagnosis (to classify or confirm later)")
@@ -268,7 +268,11 @@ def cmd_import(args) -> int:
     if args.limit:
         datalist = datalist[: args.limit]
     ids = import_collection(datalist, args.studies, with_diagnosis=not args.unlabelled)
-    print(json.dumps({"studies": os.path.abspath(args.studies), "imported": len(ids), "confirmed": 0 if args.unlabelled else len(ids)}))
+    from .data import datalist_from_datastore
+
+    masked = {d["id"] for d in datalist_from_datastore(args.studies, require_diagnosis=False) if d.get("mask")}
+    print(json.dumps({"studies": os.path.abspath(args.studies), "imported": len(ids), "confirmed": 0 if args.unlabelled else len(ids),
+                      "masks": len(masked.intersection(ids))}))
     return 0
 
 

@@ -705,15 +705,17 @@ def _run(trainer: Engine, train_loader, epochs: int, stats: dict, stats_paths: S
 
 def evaluate_network(
     network: nn.Module, datalist: Sequence[Mapping], image_size: int, device: Optional[torch.device] = None,
-    batch_size: int = 32, amp: str = "off", threshold: Optional[float] = None,
+    batch_size: int = 32, amp: str = "off", threshold: Optional[float] = None, transforms: Optional[list] = None,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics of ``network`` on ``datalist``: ``(metrics, prob_malignant (N,), labels (N,))``;
     the thresholded metrics at ``threshold`` (the one the network serves with; default the
-    operating point chosen on these predictions)."""
+    operating point chosen on these predictions). ``transforms`` make each item's input (default
+    :func:`~thyroid_plugin.transforms.preprocess_transforms`: its ``roi`` crop or the whole frame)."""
     device = device or default_device()
     settings = TrainSettings(image_size=image_size, amp=amp, cache=False, val_batch_size=batch_size, channels_last=True)
     network.to(device).to(memory_format=torch.channels_last)
-    _, loader = make_loader(datalist, preprocess_transforms(image_size), settings, batch_size, shuffle=False)
+    transforms = list(transforms) if transforms is not None else preprocess_transforms(image_size)
+    _, loader = make_loader(datalist, transforms, settings, batch_size, shuffle=False)
     meta_tracking = get_track_meta()
     set_track_meta(False)
     try:
@@ -735,12 +737,22 @@ def train_bundle(
     seed: int = 0,
     device: Optional[torch.device | str] = None,
     resume: bool = False,
+    recipe: Optional[Mapping[str, Any]] = None,
 ) -> dict:
     """Entry point of ``configs/train.json`` (``python -m monai.bundle run`` and
     ``thyroid-nodule train``): datalist from ``dataset`` (CSV, class folders or a studies folder),
-    a stratified case-grouped ``val_fraction`` split, then :func:`fit`."""
+    a stratified case-grouped ``val_fraction`` split, then :func:`fit`; with the config's
+    ``recipe``, on crops around each case's box (:func:`thyroid_plugin.recipe.training_inputs`)."""
+    from .recipe import box_sources, training_inputs
+
+    settings = TrainSettings.from_mapping(training, image_size=image_size, seed=seed)
+    inputs = training_inputs(recipe, settings.image_size, settings.augmentation)
     datalist = load_datalist(dataset)
     train_list, val_list = grouped_split(datalist, val_fraction, seed)
-    settings = TrainSettings.from_mapping(training, image_size=image_size, seed=seed)
     info = {"dataset": str(dataset), "val_fraction": val_fraction, "seed": seed, "split": "stratified case-grouped"}
-    return fit(network, loss, optimizer, train_list, val_list, output_dir, settings, device=device, train_info=info, resume=resume)
+    transforms = {}
+    if inputs is not None:
+        info.update(recipe=dict(recipe), boxes={"train": box_sources(inputs, train_list), "val": box_sources(inputs, val_list)})
+        transforms = {"train_transforms": inputs.train_transforms(), "val_transforms": inputs.val_transforms()}
+    return fit(network, loss, optimizer, train_list, val_list, output_dir, settings, device=device, train_info=info, resume=resume,
+               **transforms)

@@ -18,6 +18,7 @@ numbers in training, evaluation and serving.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Hashable, Mapping, Optional, Sequence
 
@@ -26,7 +27,10 @@ import torch
 from monai.transforms import MapTransform, Randomizable, Resized
 
 from .io import load_image, to_network_channels
-from .transforms import MIN_ROI_SIDE
+from .errors import InvalidROIError
+from .transforms import MIN_ROI_SIDE, normalize_roi
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Box", "FrameCache", "RandLesionCropd", "LesionCropd", "box_from_saliency", "lesion_box", "margin_box", "region_box"]
 
@@ -60,6 +64,17 @@ def margin_box(box: Box, margin, shape: tuple[int, int], shift: tuple[float, flo
     return _clip(x0 - left * bw + dx, y0 - top * bh + dy, x1 + right * bw + dx, y1 + bottom * bh + dy, h, w)
 
 
+def _user_box(roi, shape: tuple[int, int], path: str) -> Optional[Box]:
+    """A confirmed ``roi`` as a box on a frame of ``shape``; ``None`` (the whole frame, with a
+    warning) for one that does not fit it (the frame was replaced after the confirmation)."""
+    try:
+        box = normalize_roi(roi, shape)
+    except InvalidROIError as e:
+        logger.warning("%s: its confirmed roi is not used (%s); the whole frame is", path, e)
+        return None
+    return None if box is None else _clip(*box, shape[0], shape[1])
+
+
 def _clip(x0: float, y0: float, x1: float, y1: float, h: int, w: int) -> Box:
     a0, a1 = _fit(x0, x1, w)
     b0, b1 = _fit(y0, y1, h)
@@ -83,12 +98,16 @@ class FrameCache:
 
     ``crop(item, box)`` gives the ``(3, S, S)`` float32 network input of a frame cropped to
     ``box`` (``None``: the whole frame), converted and resized as the served path does.
+
+    With ``user_boxes`` an item's ``roi`` (the nodule box a user confirmed, as MONAI Label's
+    datastore keeps it) is the lesion's box, before its mask's.
     """
 
-    def __init__(self, image_size: int) -> None:
+    def __init__(self, image_size: int, user_boxes: bool = False) -> None:
         self.image_size = int(image_size)
+        self.user_boxes = bool(user_boxes)
         self._frames: dict[str, np.ndarray] = {}
-        self._boxes: dict[str, Optional[Box]] = {}
+        self._boxes: dict[str, tuple[Optional[Box], str]] = {}
         self._resize = Resized("image", spatial_size=(self.image_size, self.image_size), mode="bilinear", anti_aliasing=True)
 
     def frame(self, item: Mapping) -> np.ndarray:
@@ -99,11 +118,26 @@ class FrameCache:
 
     def box(self, item: Mapping) -> Optional[Box]:
         """The lesion's bounding box from ``item["mask"]`` (``None`` without a mask or for an
-        empty one)."""
+        empty one). With ``user_boxes``, the item's ``roi`` (clipped to the frame) comes first: the
+        box a person drew and confirmed, where a mask sent with a confirmation may be the model's
+        own saliency."""
+        return self._box_and_source(item)[0]
+
+    def box_source(self, item: Mapping) -> str:
+        """Where :meth:`box` takes the item's box from: ``"mask"``, ``"roi"`` or ``"none"``
+        (the whole frame)."""
+        return self._box_and_source(item)[1]
+
+    def _box_and_source(self, item: Mapping) -> tuple[Optional[Box], str]:
         path = str(item["image"])
         if path not in self._boxes:
+            box, source = None, "none"
+            if self.user_boxes and item.get("roi"):
+                box, source = _user_box(item["roi"], self.frame(item).shape[:2], path), "roi"
             mask = item.get("mask")
-            self._boxes[path] = lesion_box(load_image(mask).array) if mask else None
+            if box is None and mask:
+                box, source = lesion_box(load_image(mask).array), "mask"
+            self._boxes[path] = (box, source if box is not None else "none")
         return self._boxes[path]
 
     def crop(self, item: Mapping, box: Optional[Box]) -> torch.Tensor:

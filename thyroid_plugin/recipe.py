@@ -35,7 +35,7 @@ from .metrics import binary_metrics, youden_threshold
 from .transforms import augmentation_transforms
 from .us_augment import ultrasound_shift_transforms
 
-__all__ = ["CropInputs", "DDTI_RECIPES", "evaluate_recipe", "margin_key", "recipe_train_list"]
+__all__ = ["CropInputs", "DDTI_RECIPES", "box_sources", "training_inputs", "evaluate_recipe", "margin_key", "recipe_train_list"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class CropInputs:
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = settings
         self.size = int(settings["image_size"])
-        self.cache = FrameCache(self.size)
+        self.cache = FrameCache(self.size, user_boxes=bool(settings.get("user_boxes")))
         # evaluation inputs kept across variants (``cache_eval_inputs``: worth its memory when
         # many variants are evaluated on the same boxes, as in the ``gpu`` protocol)
         self._inputs: Optional[dict] = {} if settings.get("cache_eval_inputs") else None
@@ -89,6 +89,48 @@ class CropInputs:
         if key not in self._inputs:
             self._inputs[key] = self.cache.crop(item, roi)
         return self._inputs[key]
+
+
+#: the keys of ``configs/train.json``'s ``recipe`` section, and of its ``crops``
+RECIPE_KEYS = ("crops", "us_augmentation", "val_margin")
+CROP_KEYS = ("max_margin", "jitter", "whole_frame_prob")
+
+
+def training_inputs(recipe: Optional[Mapping[str, Any]], image_size: int,
+                    augmentation: Optional[Mapping[str, Any]] = None) -> Optional[CropInputs]:
+    """The inputs of a training run configured by ``configs/train.json`` (the server's retraining
+    and ``thyroid-nodule train``): with a ``recipe`` section, the shipped model's recipe (crops
+    around each case's box with a random margin and jitter, a share of whole frames, ultrasound
+    augmentation on top of ``augmentation``, validation at ``val_margin`` around the box); each
+    case's box is the ``roi`` a user confirmed, else its lesion mask's, else none (the whole
+    frame). ``None`` without a recipe: whole frames, or the ``roi`` crop, as before.
+
+    Raises:
+        ValueError: an unknown key or a value out of range, in one line.
+    """
+    if not recipe:
+        return None
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS)) + sorted(set(recipe.get("crops") or {}) - set(CROP_KEYS))
+    if unknown:
+        raise ValueError(f"unknown recipe settings {unknown} (known: {', '.join(RECIPE_KEYS + CROP_KEYS)})")
+    crops = dict(recipe.get("crops") or {})
+    val_margin = recipe.get("val_margin", 0.25)
+    checks = {"crops.max_margin": (crops.get("max_margin", 0.6), 0.0, 5.0), "crops.jitter": (crops.get("jitter", 0.1), 0.0, 1.0),
+              "crops.whole_frame_prob": (crops.get("whole_frame_prob", 0.2), 0.0, 1.0), "val_margin": (val_margin, 0.0, 5.0)}
+    for key, (value, low, high) in checks.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ValueError(f"recipe {key} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return CropInputs({"image_size": int(image_size), "crops": crops, "augmentation": augmentation,
+                       "us_augmentation": recipe.get("us_augmentation"), "val_margin": float(val_margin), "user_boxes": True})
+
+
+def box_sources(inputs: CropInputs, items: Sequence[Mapping]) -> dict[str, int]:
+    """How many ``items`` take their box from a confirmed ``roi``, from a lesion mask, or have
+    none (trained and validated on the whole frame)."""
+    counts = {"mask": 0, "roi": 0, "none": 0}
+    for d in items:
+        counts[inputs.cache.box_source(d)] += 1
+    return counts
 
 
 def recipe_train_list(dataset: str, train: Sequence[Mapping], settings: Mapping[str, Any], data_root: Path) -> list:

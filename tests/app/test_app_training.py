@@ -10,6 +10,10 @@ import time
 import pytest
 import requests
 
+from thyroid_plugin.checkpoint import load_checkpoint
+from thyroid_plugin.config import load_config
+from thyroid_plugin.io import load_image
+from thyroid_plugin.lesion import lesion_box, margin_box
 from thyroid_plugin.monailabel_adapter import import_collection
 from tests.support.paths import ddti_subset
 from tests.support.server import MonaiLabelServer
@@ -48,9 +52,12 @@ def server(tmp_path_factory, small_model):
     shutil.copyfile(small_model, model_dir / "pretrained_classify_nodule.pt")
     rows = ddti_subset(5, 5, offset=3)
     items = [{"image": r["file"], "label": 0 if r["label"] == "benign" else 1, "group": r["case"]} for r in rows]
+    for item, row in list(zip(items, rows))[::2]:  # half the cases confirmed with a loose box, as users draw them
+        item["roi"] = list(margin_box(lesion_box(load_image(row["mask"]).array), 0.25, load_image(row["file"]).shape))
     import_collection(items, root / "studies")
     with MonaiLabelServer(root / "studies", model_dir) as s:
         s.rows = rows
+        s.boxed = sum(1 for item in items if item.get("roi"))
         yield s
 
 
@@ -106,6 +113,13 @@ def test_training_publishes_a_new_model_that_the_server_follows(server):
     assert stats["status"] == "done" and stats["published"] is True and stats["model"] == after_id
     assert set(stats["metrics"]) >= {"auc", "accuracy", "sensitivity", "specificity", "f1", "balanced_accuracy"}
     assert stats["val_size"] > 0 and stats["train_size"] > 0
+    # the shipped model's recipe at its input size: the cases confirmed with a box were cut around it, the others whole
+    published = load_checkpoint(server.model_dir / "classify_nodule.pt")
+    assert published["image_size"] == load_config("train")["image_size"] == 96
+    boxes = stats["boxes"]
+    assert boxes == published["train"]["boxes"]
+    assert boxes["train"]["roi"] + boxes["val"]["roi"] == server.boxed
+    assert boxes["train"]["none"] + boxes["val"]["none"] == len(server.rows) - server.boxed
     # every model's figures are at the threshold it serves with: the new one's, and the old one's as the baseline
     assert stats["metrics"]["threshold"] == after["threshold"]
     assert stats["baseline"]["metrics"]["threshold"] == before["threshold"]

@@ -129,6 +129,10 @@ def test_train_command(runs):
     assert set(metrics) == set(OPERATING_POINT_METRICS)
     stats = json.loads((work / "train" / "train_stats.json").read_text())
     assert stats["status"] == "done" and stats["train_size"] + stats["val_size"] == 6
+    # configs/train.json's recipe: every frame of the CSV has an expert mask, so every one was cut around its lesion
+    assert payload["train"]["recipe"]["val_margin"] == 0.25
+    assert payload["train"]["boxes"] == {"train": {"mask": stats["train_size"], "roi": 0, "none": 0},
+                                         "val": {"mask": stats["val_size"], "roi": 0, "none": 0}}
     # calibrated (configs/train.json: Platt) on its validation frames; the figures are at the calibrated threshold
     assert summary["calibration"]["method"] == "platt" and summary["calibration"]["n"] == stats["val_size"]
     assert payload["calibration"]["scale"] == pytest.approx(summary["calibration"]["scale"])
@@ -147,7 +151,7 @@ def test_bundle_run_trains_the_same_model_as_the_cli(runs):
     assert bundle["image_size"] == cli["image_size"] == 64
     assert {k: (v.shape, v.dtype) for k, v in bundle["state_dict"].items()} == {k: (v.shape, v.dtype) for k, v in cli["state_dict"].items()}
     # same data, same split, same loss and training settings
-    for key in ("dataset", "val_fraction", "seed", "train_size", "val_size", "loss_form", "settings"):
+    for key in ("dataset", "val_fraction", "seed", "train_size", "val_size", "loss_form", "settings", "recipe", "boxes"):
         assert bundle["train"][key] == cli["train"][key], key
     assert set(json.loads((work / "bundle" / "metrics.json").read_text())) == set(OPERATING_POINT_METRICS)
 
@@ -158,6 +162,18 @@ def test_inference_and_train_configs_build_the_same_network():
     # training seeds the run before it builds the network; the network itself is the same
     assert inference["network_def"] == {k: v for k, v in train["network_def"].items() if k != "_requires_"}
     assert inference["image_size"] == train["image_size"]
+
+
+def test_the_servers_retraining_keeps_the_shipped_models_input_size_and_recipe():
+    """The server retrains the served model with configs/train.json: at the shipped model's input
+    size and with the recipe it was trained with (crops around the box, whole frames, ultrasound
+    augmentation), not on inputs it never saw."""
+    train = json.loads((CONFIGS / "train.json").read_text())
+    shipped = load_checkpoint(CONFIGS.parent / "apps" / "thyroid_nodule" / "model" / "pretrained_classify_nodule.pt")
+    assert train["image_size"] == shipped["image_size"]
+    assert train["recipe"]["crops"] == shipped["recipe"]["settings"]["crops"]
+    assert train["recipe"]["us_augmentation"] == shipped["recipe"]["settings"]["us_augmentation"]
+    assert train["recipe"]["val_margin"] == shipped["recipe"]["settings"]["val_margin"]
 
 
 @pytest.mark.slow

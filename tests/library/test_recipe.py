@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from thyroid_plugin.data import datalist_from_csv
 from thyroid_plugin.io import load_image
 from thyroid_plugin.lesion import FrameCache, LesionCropd, RandLesionCropd, box_from_saliency, lesion_box, margin_box
 from thyroid_plugin.networks import SaliencyGuidedClassifier
+from thyroid_plugin.recipe import box_sources, training_inputs
 from thyroid_plugin.transforms import MIN_ROI_SIDE, preprocess_transforms
 from thyroid_plugin.us_augment import RandScreenMarksd, RandUltrasoundShiftd
 
@@ -109,6 +111,48 @@ def test_fixed_margin_crops_are_deterministic_and_frames_without_a_mask_are_whol
     no_mask = {k: v for k, v in d.items() if k != "mask"}
     fresh = FrameCache(32)
     assert torch.equal(LesionCropd(fresh, 0.25)(no_mask)["image"], fresh.crop(no_mask, None))
+
+
+def test_a_case_confirmed_with_a_box_is_trained_around_that_box(busbra_items, caplog):
+    """The server's retraining (``user_boxes``): a case is cut around the ``roi`` its user
+    confirmed (before a mask sent with it, which may be the model's own saliency), else around its
+    mask; a case with neither, or with a box that no longer fits its frame, is a whole frame;
+    without ``user_boxes`` the roi is not a lesion."""
+    d = busbra_items[2]
+    h, w = FrameCache(32).frame(d).shape[:2]
+    roi = [10, 20, 70, 90]
+    confirmed = {"image": d["image"], "label": d["label"], "roi": roi}
+    cache = FrameCache(32, user_boxes=True)  # one item per frame, as in a datastore
+    assert cache.box(confirmed) == tuple(roi) and cache.box_source(confirmed) == "roi"
+    masked = FrameCache(32, user_boxes=True)
+    assert masked.box(d) == lesion_box(np.asarray(load_image(d["mask"]).array)) and masked.box_source(d) == "mask"
+    assert FrameCache(32, user_boxes=True).box({**d, "roi": roi}) == tuple(roi)
+    assert FrameCache(32).box({**d, "roi": roi}) == masked.box(d)
+    assert FrameCache(32).box(confirmed) is None
+    outside = {"image": d["image"], "label": d["label"], "roi": [w + 10, 0, w + 50, 40]}
+    fresh = FrameCache(32, user_boxes=True)
+    assert fresh.box(outside) is None and fresh.box_source(outside) == "none" and "not used" in caplog.text
+    assert FrameCache(32, user_boxes=True).box_source({**outside, "mask": d["mask"]}) == "mask"
+    # validation at a 0 margin around the confirmed box is exactly the input the server classified
+    inputs = training_inputs({"val_margin": 0.0}, 32)
+    served = Compose(preprocess_transforms(32))
+    assert torch.equal(Compose(inputs.val_transforms())(confirmed)["image"],
+                       torch.as_tensor(served({"image": d["image"], "roi": roi})["image"]).float())
+    cases = [busbra_items[3], {"image": busbra_items[4]["image"], "label": 0, "roi": roi},
+             {"image": busbra_items[5]["image"], "label": 1}]
+    assert box_sources(training_inputs({"val_margin": 0.25}, 32), cases) == {"mask": 1, "roi": 1, "none": 1}
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"crop": {}}, "unknown recipe settings ['crop']"),
+    ({"crops": {"max_margin": -1}}, "crops.max_margin must be a number in [0, 5]"),
+    ({"crops": {"whole_frame_prob": "0.2"}}, "crops.whole_frame_prob must be a number"),
+    ({"val_margin": True}, "val_margin must be a number"),
+])
+def test_a_bad_recipe_in_the_training_config_is_refused_in_one_line(recipe, message):
+    assert training_inputs(None, 32) is None and training_inputs({}, 32) is None  # no recipe: whole frames
+    with pytest.raises(ValueError, match=re.escape(message)):
+        training_inputs(recipe, 32)
 
 
 def test_the_saliency_box_surrounds_the_region_holding_most_saliency():

@@ -44,6 +44,16 @@ def test_finished_training_reads_the_stats_and_shows_log_lines_only_as_a_reason(
                                            "model": "sha256:aa", "metrics": {"auc": 0.8}, "best_metric": 0.8})
     assert (done.status, done.fraction, done.epoch, done.total_epochs) == ("DONE", 1.0, 5, 40)
     assert "Training finished (5/40 epochs): validation auc 0.80; the served model was kept" in done.message()
+    assert "whole frame" not in done.message()  # a server that does not count boxes
+    boxed = {"status": "done", "epoch": 3, "total_epochs": 3, "published": True, "model": "sha256:bb", "metrics": {"auc": 0.7},
+             "boxes": {"train": {"roi": 5, "mask": 1, "none": 2}, "val": {"roi": 1, "mask": 0, "none": 1}}}
+    shown = training_progress_from("DONE", boxed)
+    assert (shown.whole_frames, shown.cases) == (3, 10)
+    assert shown.message().endswith("3 of 10 cases had no nodule box and were trained on the whole frame: confirm with a box "
+                                    "to train on the nodule.")
+    every_box = {**boxed, "boxes": {"train": {"roi": 7, "mask": 1, "none": 0}, "val": {"roi": 2, "mask": 0, "none": 0}}}
+    assert "whole frame" not in training_progress_from("DONE", every_box).message()
+    assert training_progress_from("DONE", {**boxed, "boxes": {"train": {"roi": "x"}}}).whole_frames is None
 
     failed = training_progress_from("DONE", {"status": "failed", "error": "DatalistError: too few cases"})
     assert failed.status == "ERROR" and failed.fraction is None and failed.error == "DatalistError: too few cases"

@@ -419,13 +419,15 @@ def import_collection(datalist: Sequence[Mapping[str, Any]], studies: os.PathLik
 
     Ids and infos are :func:`thyroid_plugin.studies.import_entry`'s (``diagnosis`` unless
     ``with_diagnosis`` is false). Images already present with the same id are left as they are.
+    A confirmed item's expert ``mask`` becomes its ``final`` label (the server's retraining cuts
+    the case around it); a mask that does not fit its image is left out with a warning.
 
     Returns:
         the ids of the imported images.
     """
     store = ConfirmedCasesDatastore(str(check_studies_folder(studies)))
     taken = set(store.list_images())
-    ids = []
+    ids, masks = [], []
     for item in datalist:
         detect_format(item["image"])  # refuse non-images before anything is written
         image_id, info = import_entry(item, with_diagnosis)
@@ -434,4 +436,8 @@ def import_collection(datalist: Sequence[Mapping[str, Any]], studies: os.PathLik
         store.add_image(image_id, str(item["image"]), info)
         taken.add(image_id)
         ids.append(image_id)
+        if item.get("mask") and DIAGNOSIS_FIELD in info:
+            masks.append((image_id, str(item["mask"]), {"source": str(item["mask"])}))
+    for image_id, reason in (store.save_labels(masks, DefaultLabelTag.FINAL.value) if masks else {}).items():
+        logger.warning("%s: its mask was not imported (%s)", image_id, reason)
     return ids

@@ -277,6 +277,9 @@ class TrainingProgress:
         published: whether the finished run's model now serves.
         model: identity of the model served after the run.
         error: why the run failed ("" otherwise).
+        whole_frames, cases: how many of the run's cases had no box (neither a confirmed box nor
+            a mask) and were trained on the whole frame, of how many (``None`` when the server
+            did not say).
     """
 
     status: str
@@ -288,6 +291,8 @@ class TrainingProgress:
     published: Optional[bool] = None
     model: Optional[str] = None
     error: str = ""
+    whole_frames: Optional[int] = None
+    cases: Optional[int] = None
 
     @property
     def running(self) -> bool:
@@ -309,7 +314,11 @@ class TrainingProgress:
         shown = validation_text(self.metrics)
         published = ("the new model " + (self.model or "") + " now serves") if self.published else \
             "the served model was kept (the new one was not better)"
-        return f"Training finished ({self.epoch}/{self.total_epochs} epochs): validation {shown or 'metrics unavailable'}; {published}."
+        text = f"Training finished ({self.epoch}/{self.total_epochs} epochs): validation {shown or 'metrics unavailable'}; {published}."
+        if self.whole_frames and self.cases:
+            text += (f" {self.whole_frames} of {self.cases} cases had no nodule box and were trained on the whole frame:"
+                     " confirm with a box to train on the nodule.")
+        return text
 
 
 def _count(value: Any) -> Optional[int]:
@@ -346,6 +355,13 @@ def training_progress_from(task_status: str, stats: Dict[str, Any], details: Opt
         progress.model = stats.get("model")
         progress.epoch, progress.total_epochs = epoch, total
         progress.error = str(stats.get("error") or "")
+        boxes = stats.get("boxes")
+        if isinstance(boxes, dict):  # {"train": {"roi": n, "mask": n, "none": n}, "val": {...}}
+            parts = [b for b in boxes.values() if isinstance(b, dict)]
+            counts = [[_count(b.get(k)) for k in ("roi", "mask", "none")] for b in parts]
+            if parts and all(c is not None for row in counts for c in row):
+                progress.whole_frames = sum(row[2] for row in counts)
+                progress.cases = sum(sum(row) for row in counts)
         if status == "DONE":  # the process ended normally, but the run may not have
             progress.status = {"failed": "ERROR", "stopped": "STOPPED"}.get(str(stats.get("status", "")).lower(), status)
     if progress.status == "DONE":

@@ -1,6 +1,12 @@
 """``classify_nodule`` training: MONAI Label's train task over :func:`thyroid_plugin.engine.fit`.
 
-Trains on every confirmed case of the datastore. The validation split is grouped by case and
+Trains on every confirmed case of the datastore with the shipped model's recipe
+(``configs/train.json`` ``recipe``, :func:`thyroid_plugin.recipe.training_inputs`): each case
+is cut around its box (the ``roi`` confirmed with the diagnosis, else the box of the ``final``
+label's mask when one was saved or imported) with a random margin and jitter, a share of whole frames, ultrasound
+augmentation, at the config's ``image_size`` (the shipped model's 96 px); cases without a box are
+trained on their whole frame. Validation cuts each case at ``val_margin`` around its box, and the
+served model is scored on the very same inputs. The validation split is grouped by case and
 fixed across retrains (``model/classify_nodule_split.json``). The best model of a run is
 published only when the run completes (and, by default, only if it scores at least as well as
 the served model on the same validation cases); a failed or stopped run leaves the served model
@@ -33,6 +39,7 @@ from thyroid_plugin.engine import TrainSettings, evaluate_network, fit
 from thyroid_plugin.errors import DatalistError, short_repr
 from thyroid_plugin.io import atomic_write_bytes, atomic_write_json, json_safe
 from thyroid_plugin.metrics import OPERATING_POINT_METRICS
+from thyroid_plugin.recipe import CropInputs, box_sources, training_inputs
 from thyroid_plugin.studies import InvalidRequestError
 from thyroid_plugin.transforms import augmentation_transforms, preprocess_transforms
 
@@ -75,6 +82,7 @@ class ClassifyNoduleTrainer(BasicTrainTask):
         self._served_path = served_path  # callable -> path of the model being served, or None
         self._threshold = threshold  # the served threshold when configured (else each model's own)
         self._split_path = os.path.join(model_dir, "classify_nodule_split.json")
+        self.inputs(int(self._train_cfg["image_size"]))  # a bad recipe in the config stops the app at start
 
     # --------------------------------------------------- the objects training is built from
     def network(self, context: Context):
@@ -94,18 +102,28 @@ class ClassifyNoduleTrainer(BasicTrainTask):
     def loss_function(self, context: Context):
         return self._train_cfg.get_parsed_content("loss", instantiate=True)
 
+    def inputs(self, image_size: int) -> Optional[CropInputs]:
+        """The recipe's inputs at ``image_size`` (``configs/train.json`` ``recipe``: crops around
+        each case's box, the ``roi`` its user confirmed, else its ``final`` mask's), or ``None``
+        without a recipe."""
+        return training_inputs(self._train_cfg.get("recipe"), image_size, self._train_cfg["training"].get("augmentation"))
+
     def train_pre_transforms(self, context: Context):
+        inputs = getattr(context, "inputs", None)
+        if inputs is not None:
+            return inputs.train_transforms()
         size = int(self._train_cfg["image_size"])
         return preprocess_transforms(size) + augmentation_transforms(size, self._train_cfg["training"].get("augmentation"))
 
     def val_pre_transforms(self, context: Context):
-        return preprocess_transforms(int(self._train_cfg["image_size"]))
+        inputs = getattr(context, "inputs", None)
+        return inputs.val_transforms() if inputs is not None else preprocess_transforms(int(self._train_cfg["image_size"]))
 
     def train_post_transforms(self, context: Context):
         return []  # classification needs no post-processing of the logits
 
     def val_inferer(self, context: Context):
-        return SimpleInferer()  # validation runs the whole frame through the network
+        return SimpleInferer()  # validation runs each case's input (its box's crop, or the whole frame) at once
 
     def stats(self):
         """``/info`` -> ``train_stats.classify_nodule``: the last run's state, rewritten by the run
@@ -175,6 +193,7 @@ class ClassifyNoduleTrainer(BasicTrainTask):
             context.train_datalist, context.val_datalist = self.partition_datalist(context)
             if not context.val_datalist:
                 raise DatalistError("no case fell into the validation split yet; confirm more cases")
+            context.inputs = self.inputs(int(self._train_cfg["image_size"]))
             context.network = self.network(context)
             context.optimizer = self.optimizer(context)
             settings = TrainSettings.from_mapping(
@@ -187,6 +206,13 @@ class ClassifyNoduleTrainer(BasicTrainTask):
                 progress=False,
                 log_every=5,
             )
+            train_info = {"source": "MONAI Label datastore", "run_id": context.run_id, "split": "fixed case-grouped"}
+            if context.inputs is not None:  # what the recipe trained on: how many cases had a box, and from where
+                boxes = {"train": box_sources(context.inputs, context.train_datalist),
+                         "val": box_sources(context.inputs, context.val_datalist)}
+                train_info.update(recipe=dict(self._train_cfg.get("recipe")), boxes=boxes)
+                print(f"[train] boxes of the training cases {boxes['train']}, of the validation cases {boxes['val']} "
+                      "(roi: the confirmed box; mask: the final label's mask; none: the whole frame)", flush=True)
             baseline = self._baseline(context, settings) if rank == 0 else None
             stats = fit(
                 context.network,
@@ -200,7 +226,7 @@ class ClassifyNoduleTrainer(BasicTrainTask):
                 stats_path=stats_path,
                 rank=rank,
                 world_size=world_size,
-                train_info={"source": "MONAI Label datastore", "run_id": context.run_id, "split": "fixed case-grouped"},
+                train_info=train_info,
                 train_transforms=self.train_pre_transforms(context),
                 val_transforms=self.val_pre_transforms(context),
             )
@@ -220,6 +246,8 @@ class ClassifyNoduleTrainer(BasicTrainTask):
                     # the run's metrics where its model will serve: at the configured threshold, else its own
                     at = validation_metrics(load_checkpoint(run_model), self._threshold)
                     stats["metrics"] = {k: at.get(k) for k in OPERATING_POINT_METRICS}
+                if context.inputs is not None:
+                    stats["boxes"] = train_info["boxes"]
                 stats = self._publish(context, stats, baseline, request.get("publish", "if_better"))
                 _write_stats(stats_path, stats)
             return stats
@@ -233,15 +261,18 @@ class ClassifyNoduleTrainer(BasicTrainTask):
 
     def _baseline(self, context: Context, settings: TrainSettings) -> Optional[Dict[str, Any]]:
         """The served model's metrics on this run's validation cases (for ``publish=if_better``),
-        the thresholded ones at the threshold it serves with."""
+        each case given to it as the run validates it (the same box, at the served model's own
+        input size); the thresholded ones at the threshold it serves with."""
         served = self._served_path()
         if not served:
             return None
         payload = load_checkpoint(served)
         network = network_from_checkpoint(payload)
         threshold = self._threshold if self._threshold is not None else float(payload.get("threshold", 0.5))
-        metrics, _, _ = evaluate_network(network, context.val_datalist, int(payload["image_size"]), context.device,
-                                         settings.val_batch_size, threshold=threshold)
+        size = int(payload["image_size"])
+        inputs = context.inputs if context.inputs is None or context.inputs.size == size else self.inputs(size)
+        metrics, _, _ = evaluate_network(network, context.val_datalist, size, context.device, settings.val_batch_size,
+                                         threshold=threshold, transforms=inputs.val_transforms() if inputs else None)
         return {"model": model_identity(served), "metrics": metrics}
 
     def _publish(self, context: Context, stats: Dict[str, Any], baseline, policy: str) -> Dict[str, Any]:
