@@ -211,8 +211,9 @@ class ClassifyNoduleTrainer(BasicTrainTask):
                 boxes = {"train": box_sources(context.inputs, context.train_datalist),
                          "val": box_sources(context.inputs, context.val_datalist)}
                 train_info.update(recipe=dict(self._train_cfg.get("recipe")), boxes=boxes)
-                print(f"[train] boxes of the training cases {boxes['train']}, of the validation cases {boxes['val']} "
-                      "(roi: the confirmed box; mask: the final label's mask; none: the whole frame)", flush=True)
+                if rank == 0:
+                    print(f"[train] boxes of the training cases {boxes['train']}, of the validation cases {boxes['val']} "
+                          "(roi: the confirmed box; mask: the final label's mask; none: the whole frame)", flush=True)
             baseline = self._baseline(context, settings) if rank == 0 else None
             stats = fit(
                 context.network,
