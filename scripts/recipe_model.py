@@ -107,8 +107,9 @@ def main() -> int:
     if not (split_dir / "train.csv").is_file() or not (split_dir / "test.csv").is_file():
         print(f"error: {split_dir} has no train.csv and test.csv (thyroid-nodule split writes them)", file=sys.stderr)
         return 2
-    if average_range_problem(args.average):
-        print(f"error: --average FROM EPOCHS {average_range_problem(args.average)}", file=sys.stderr)
+    problem = average_range_problem(args.average)
+    if problem:
+        print(f"error: --average FROM EPOCHS {problem}", file=sys.stderr)
         return 2
     settings = dict(PROTOCOLS[args.protocol])
     if args.pretrain_epochs:

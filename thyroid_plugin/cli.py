@@ -267,12 +267,10 @@ def cmd_import(args) -> int:
     datalist = load_datalist(args.source)
     if args.limit:
         datalist = datalist[: args.limit]
-    ids = import_collection(datalist, args.studies, with_diagnosis=not args.unlabelled)
-    from .data import datalist_from_datastore
-
-    masked = {d["id"] for d in datalist_from_datastore(args.studies, require_diagnosis=False) if d.get("mask")}
-    print(json.dumps({"studies": os.path.abspath(args.studies), "imported": len(ids), "confirmed": 0 if args.unlabelled else len(ids),
-                      "masks": len(masked.intersection(ids))}))
+    imported = import_collection(datalist, args.studies, with_diagnosis=not args.unlabelled)
+    n = len(imported.ids)
+    print(json.dumps({"studies": os.path.abspath(args.studies), "imported": n, "confirmed": 0 if args.unlabelled else n,
+                      "masks": len(imported.masks)}))
     return 0
 
 
@@ -301,8 +299,9 @@ def cmd_protocol(args) -> int:
                                    "pretrain_epochs": args.pretrain_epochs, "pretrain_patience": args.pretrain_patience,
                                    "time_budget_s": args.time_budget, "seed": args.seed,
                                    "finetune_lr": args.finetune_lr, "finetune_average": args.finetune_average}.items() if v is not None}
-    if average_range_problem(args.finetune_average):
-        raise ValueError(f"--finetune-average FROM EPOCHS {average_range_problem(args.finetune_average)}")
+    problem = average_range_problem(args.finetune_average)
+    if problem:
+        raise ValueError(f"--finetune-average FROM EPOCHS {problem}")
     if args.finetune_lr is not None and not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
         raise ValueError(f"--finetune-lr must be a positive learning rate, got {args.finetune_lr}")
     if args.datasets is not None:

@@ -64,8 +64,9 @@ def test_a_mask_off_its_images_grid_is_left_out_and_the_image_is_imported(tmp_pa
     PIL.Image.fromarray(np.zeros((40, 40), np.uint8)).save(wrong)
     items = [{"image": rows[0]["file"], "label": 0, "group": "a", "mask": str(wrong)},
              {"image": rows[1]["file"], "label": 1, "group": "b", "mask": rows[1]["mask"]}]
-    ids = import_collection(items, tmp_path / "studies")
-    assert len(ids) == 2 and "its mask was not imported" in caplog.text
+    imported = import_collection(items, tmp_path / "studies")
+    ids = imported.ids
+    assert len(ids) == 2 and imported.masks == [ids[1]] and "its mask was not imported" in caplog.text
     masked = {d["id"]: d.get("mask") for d in datalist_from_datastore(tmp_path / "studies")}
     assert masked[ids[0]] is None and masked[ids[1]] is not None
 

@@ -13,6 +13,6 @@ not part of the installed package.
 """
 
 from .compat import WRITTEN_FOR, MonaiLabelVersionError, require
-from .datastore import ConfirmedCasesDatastore, import_collection
+from .datastore import ConfirmedCasesDatastore, ImportedCases, import_collection
 
-__all__ = ["ConfirmedCasesDatastore", "MonaiLabelVersionError", "WRITTEN_FOR", "import_collection", "require"]
+__all__ = ["ConfirmedCasesDatastore", "ImportedCases", "MonaiLabelVersionError", "WRITTEN_FOR", "import_collection", "require"]

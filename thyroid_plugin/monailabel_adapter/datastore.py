@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
@@ -57,7 +58,7 @@ from .compat import DATASTORE_INTERNALS, DATASTORE_STATE, require, require_attri
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConfirmedCasesDatastore", "import_collection"]
+__all__ = ["ConfirmedCasesDatastore", "ImportedCases", "import_collection"]
 
 _PART = "the studies datastore (thyroid_plugin.monailabel_adapter.datastore)"
 
@@ -414,7 +415,16 @@ def _remove_if_present(path: str) -> None:
         pass
 
 
-def import_collection(datalist: Sequence[Mapping[str, Any]], studies: os.PathLike | str, with_diagnosis: bool = True) -> list[str]:
+@dataclass(frozen=True)
+class ImportedCases:
+    """What :func:`import_collection` added: the ids of the imported images, and of those whose
+    expert mask was imported as their ``final`` label."""
+
+    ids: list[str]
+    masks: list[str]
+
+
+def import_collection(datalist: Sequence[Mapping[str, Any]], studies: os.PathLike | str, with_diagnosis: bool = True) -> ImportedCases:
     """Copy the images of ``datalist`` into a studies folder as (confirmed) cases.
 
     Ids and infos are :func:`thyroid_plugin.studies.import_entry`'s (``diagnosis`` unless
@@ -423,7 +433,7 @@ def import_collection(datalist: Sequence[Mapping[str, Any]], studies: os.PathLik
     the case around it); a mask that does not fit its image is left out with a warning.
 
     Returns:
-        the ids of the imported images.
+        the ids of the imported images and of those whose mask was imported.
     """
     store = ConfirmedCasesDatastore(str(check_studies_folder(studies)))
     taken = set(store.list_images())
@@ -438,6 +448,7 @@ def import_collection(datalist: Sequence[Mapping[str, Any]], studies: os.PathLik
         ids.append(image_id)
         if item.get("mask") and DIAGNOSIS_FIELD in info:
             masks.append((image_id, str(item["mask"]), {"source": str(item["mask"])}))
-    for image_id, reason in (store.save_labels(masks, DefaultLabelTag.FINAL.value) if masks else {}).items():
+    refused = store.save_labels(masks, DefaultLabelTag.FINAL.value) if masks else {}
+    for image_id, reason in refused.items():
         logger.warning("%s: its mask was not imported (%s)", image_id, reason)
-    return ids
+    return ImportedCases(ids, [image_id for image_id, _, _ in masks if image_id not in refused])
